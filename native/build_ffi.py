@@ -48,6 +48,10 @@ def _cdef_from_header(text: str) -> str:
 with open(os.path.join(HERE, "shmcache.h")) as fh:
     CDEF = _cdef_from_header(fh.read())
 
+# The direct-call entry points (native/py/fastpath.c) are not part of the engine's
+# public header: they exist only inside the Python extension.
+CDEF += "\nint shm_py_fastseg(shm_cache *c, void *raise_fn, void *out_list);\n"
+
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
@@ -55,8 +59,10 @@ ffibuilder.set_source(
     '#pragma GCC diagnostic ignored "-Wunused-parameter"\n'
     '#pragma GCC diagnostic ignored "-Wmissing-field-initializers"\n'
     '#pragma GCC diagnostic ignored "-Wcast-function-type"\n'
-    '#include "shmcache.h"\n',
-    sources=SOURCES,
+    '#include "shmcache.h"\n'
+    "int shm_py_fastseg(shm_cache *c, void *raise_fn, void *out_list);\n",
+    sources=SOURCES + ["native/py/fastpath.c"],
+    py_limited_api=False,
     include_dirs=["native"],
     extra_compile_args=CFLAGS,
     extra_link_args=(["-fsanitize=address,undefined"]

@@ -72,8 +72,20 @@ _ERRORS: Final[dict[int, type[Exception]]] = {
 }
 
 
+_ERRORS.update({
+    -1000: errors.NotBytesError,        # codes of the direct-call path (fastpath.c)
+    -1001: errors.SegmentClosedError,
+    -1002: ValueError,
+    -1003: TypeError,
+})
+
+
 def _raise(rc: int) -> None:
     msg = ffi.string(lib.shm_last_error()).decode("utf-8", "replace")
+    _raise_code(rc, msg)
+
+
+def _raise_code(rc: int, msg: str) -> None:
     exc = _ERRORS.get(rc, errors.ShmCacheError)
     raise exc(msg or f"shmcache engine error {rc}")
 
@@ -279,13 +291,22 @@ class Segment:
     process slot).  Keys are ``str`` (UTF-8) or bytes-like; values are bytes-like.
     """
 
-    __slots__ = ("_h", "name", "_tls", "_info", "__weakref__")
-
     def __init__(self, handle: Any, name: str) -> None:
         self._h: Any = handle
         self.name = name
         self._tls = threading.local()
-        self._info = ffi.new("shm_item_info *")  # only used under _tls-free paths
+        # The hottest calls go straight to C (native/py/fastpath.c); these instance
+        # attributes shadow the methods below, which document them and remain the
+        # reference implementation.
+        box: list[Any] = []
+        if lib.shm_py_fastseg(handle, ffi.cast("void *", id(_raise_code)),
+                              ffi.cast("void *", id(box))) == 0:
+            self._fast: Any = box[0]
+            self.get = self._fast.get
+            self.set = self._fast.set
+            self.contains = self._fast.contains
+        else:
+            self._fast = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -383,6 +404,8 @@ class Segment:
         """
         h, self._h = self._h, None
         if h is not None:
+            if self._fast is not None:
+                self._fast.detach()
             lib.shm_close(h)
 
     def unlink(self) -> None:
@@ -514,7 +537,8 @@ class Segment:
             _raise(rc)
         return bool(rc)
 
-    __contains__ = contains
+    def __contains__(self, key: object) -> bool:
+        return self.contains(key)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         n = lib.shm_count(self._handle())

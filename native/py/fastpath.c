@@ -1,0 +1,247 @@
+/* fastpath.c - METH_FASTCALL entry points for the hottest calls (get, set, contains).
+ *
+ * cffi drives the whole engine API.  For these three calls its generic wrapper (argument
+ * tuple, per-argument conversion, GIL release and re-acquire, then ffi.unpack for the
+ * result) costs about 1,300 instructions per call while the engine's own work is about
+ * 400 (callgrind, 100-byte hit).  This file is compiled into the same cffi extension
+ * module, so it shares the one copy of the engine and its process state, and exposes a
+ * tiny type whose methods take the key and value as Python objects directly.
+ *
+ * Rules kept here: no segment lock is held while Python is called (the engine copies a
+ * value into a thread-local buffer and releases its lock before PyBytes is created);
+ * errors are raised through a Python callable given at construction, after the engine
+ * has returned.  These calls keep the GIL: their critical sections are short, and a
+ * lock wait is bounded by lock_timeout_ms.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "../shmcache.h"
+
+#define FP_ENOTBYTES -1000
+#define FP_ECLOSED   -1001
+#define FP_ETTL      -1002   /* ttl value out of range */
+#define FP_ETTLTYPE  -1003   /* ttl of the wrong type */
+
+typedef struct {
+    PyObject_HEAD
+    shm_cache *c;
+    PyObject *raise;    /* raise(code, message) -> raises the mapped exception */
+    Py_ssize_t guess;   /* length of the last large value returned by get()       */
+} FastSeg;
+
+/* Values at least this long are copied straight into a bytes object allocated (before
+ * the engine takes any lock) at the length last seen; shorter ones go through the
+ * engine's thread-local buffer, which is cheaper than a wrong guess. */
+#define FP_DIRECT_MIN 1024
+
+static PyObject *fp_raise(FastSeg *self, int code, const char *msg) {
+    PyObject *r = PyObject_CallFunction(self->raise, "is", code, msg);
+    Py_XDECREF(r);
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, msg);
+    return NULL;
+}
+
+static PyObject *fp_engine_error(FastSeg *self, int64_t code) {
+    return fp_raise(self, (int)code, shm_last_error());
+}
+
+/* Key as bytes: str (UTF-8, cached by CPython for compact strings) or bytes. */
+static int fp_key(FastSeg *self, PyObject *key, const char **p, Py_ssize_t *n) {
+    if (PyUnicode_CheckExact(key) || PyUnicode_Check(key)) {
+        *p = PyUnicode_AsUTF8AndSize(key, n);
+        return *p ? 0 : -1;
+    }
+    if (PyBytes_Check(key)) {
+        *p = PyBytes_AS_STRING(key);
+        *n = PyBytes_GET_SIZE(key);
+        return 0;
+    }
+    char msg[160];
+    snprintf(msg, sizeof msg, "key must be str or bytes, not %.80s", Py_TYPE(key)->tp_name);
+    fp_raise(self, FP_ENOTBYTES, msg);
+    return -1;
+}
+
+static inline int fp_open(FastSeg *self) {
+    if (self->c) return 1;
+    fp_raise(self, FP_ECLOSED, "segment is closed");
+    return 0;
+}
+
+static PyObject *fp_get(FastSeg *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get(key, default=None)");
+        return NULL;
+    }
+    const char *k;
+    Py_ssize_t kl;
+    if (!fp_open(self) || fp_key(self, args[0], &k, &kl) < 0) return NULL;
+    uint32_t klen = (uint32_t)(kl > 0xffffffffLL ? 0xffffffff : kl);
+    int64_t n;
+    while (self->guess >= FP_DIRECT_MIN) {
+        PyObject *b = PyBytes_FromStringAndSize(NULL, self->guess);
+        if (!b) return NULL;
+        n = shm_get(self->c, k, klen, PyBytes_AS_STRING(b), (uint64_t)self->guess, NULL);
+        if (n == self->guess) return b;
+        if (n >= 0 && n < self->guess) {
+            self->guess = (Py_ssize_t)n;
+            if (_PyBytes_Resize(&b, (Py_ssize_t)n) < 0) return NULL;
+            return b;
+        }
+        Py_DECREF(b);
+        if (n < 0) goto done;
+        self->guess = (Py_ssize_t)n;   /* larger than guessed: nothing copied, retry */
+    }
+    const char *v;
+    n = shm_get_tls(self->c, k, klen, &v);
+    if (n >= 0) {
+        if (n >= FP_DIRECT_MIN) self->guess = (Py_ssize_t)n;
+        return PyBytes_FromStringAndSize(v, (Py_ssize_t)n);
+    }
+done:
+    if (n == SHM_MISS) {
+        PyObject *d = nargs > 1 ? args[1] : Py_None;
+        Py_INCREF(d);
+        return d;
+    }
+    return fp_engine_error(self, n);
+}
+
+static PyObject *fp_contains(FastSeg *self, PyObject *key) {
+    const char *k;
+    Py_ssize_t kl;
+    if (!fp_open(self) || fp_key(self, key, &k, &kl) < 0) return NULL;
+    int r = shm_contains(self->c, k, (uint32_t)(kl > 0xffffffffLL ? 0xffffffff : kl));
+    if (r < 0) return fp_engine_error(self, r);
+    return PyBool_FromLong(r);
+}
+
+/* set(key, value, ttl=None, *, flags=0, expect_version=0) -> int version */
+static PyObject *fp_set(FastSeg *self, PyObject *const *args, Py_ssize_t nargs,
+                        PyObject *kwnames) {
+    PyObject *ttl = nargs > 2 ? args[2] : Py_None;
+    unsigned long long flags = 0, expect = 0;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "set(key, value, ttl=None, *, flags=0, "
+                        "expect_version=0)");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i), *v = args[nargs + i];
+        if (PyUnicode_CompareWithASCIIString(name, "ttl") == 0 && nargs == 2) {
+            ttl = v;
+        } else if (PyUnicode_CompareWithASCIIString(name, "flags") == 0 ||
+                   PyUnicode_CompareWithASCIIString(name, "expect_version") == 0) {
+            int is_flags = PyUnicode_CompareWithASCIIString(name, "flags") == 0;
+            if (!PyLong_Check(v) || PyBool_Check(v)) {
+                PyErr_Format(PyExc_TypeError, "%U must be an int", name);
+                return NULL;
+            }
+            unsigned long long x = PyLong_AsUnsignedLongLong(v);
+            if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_ValueError, "%U must be a non-negative 64-bit int", name);
+                return NULL;
+            }
+            if (is_flags) flags = x;
+            else expect = x;
+        } else {
+            PyErr_Format(PyExc_TypeError, "set() got an unexpected keyword argument %R", name);
+            return NULL;
+        }
+    }
+    if (flags > 0xffff) {
+        PyErr_SetString(PyExc_ValueError, "flags must fit in 16 bits");
+        return NULL;
+    }
+    const char *k;
+    Py_ssize_t kl;
+    if (!fp_open(self) || fp_key(self, args[0], &k, &kl) < 0) return NULL;
+    int64_t ttl_ms = 0;
+    if (ttl != Py_None) {
+        if (PyBool_Check(ttl) || !(PyLong_Check(ttl) || PyFloat_Check(ttl)))
+            return fp_raise(self, FP_ETTLTYPE, "ttl must be seconds as int/float or None");
+        double secs = PyFloat_AsDouble(ttl);
+        if (secs == -1.0 && PyErr_Occurred()) return NULL;
+        if (!(secs > 0)) return fp_raise(self, FP_ETTL, "ttl must be > 0 seconds (or None "
+                                         "for no expiry)");
+        ttl_ms = secs * 1000.0 < 1.0 ? 1 : (int64_t)(secs * 1000.0);
+    }
+    PyObject *val = args[1];
+    uint64_t ver = 0;
+    int rc;
+    uint32_t klen = (uint32_t)(kl > 0xffffffffLL ? 0xffffffff : kl);
+    if (PyBytes_Check(val)) {
+        rc = shm_set(self->c, k, klen, PyBytes_AS_STRING(val),
+                     (uint64_t)PyBytes_GET_SIZE(val), ttl_ms, (uint32_t)flags, SHM_SET,
+                     expect, &ver);
+    } else if (PyByteArray_Check(val) || PyMemoryView_Check(val)) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(val, &view, PyBUF_SIMPLE) < 0) return NULL;
+        rc = shm_set(self->c, k, klen, view.buf, (uint64_t)view.len, ttl_ms, (uint32_t)flags,
+                     SHM_SET, expect, &ver);
+        PyBuffer_Release(&view);
+    } else {
+        char msg[200];
+        snprintf(msg, sizeof msg, "value must be bytes-like (bytes, bytearray, memoryview), "
+                 "not %.80s; serialize it first or use shmcache.Cache", Py_TYPE(val)->tp_name);
+        return fp_raise(self, FP_ENOTBYTES, msg);
+    }
+    if (rc < 0) return fp_engine_error(self, rc);
+    return PyLong_FromUnsignedLongLong(ver);
+}
+
+static PyObject *fp_detach(FastSeg *self, PyObject *unused) {
+    (void)unused;
+    self->c = NULL;
+    Py_RETURN_NONE;
+}
+
+static void fp_dealloc(FastSeg *self) {
+    Py_XDECREF(self->raise);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef fp_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))fp_get, METH_FASTCALL,
+     "get(key, default=None) -> bytes: copy of the value, or default on a miss."},
+    {"set", (PyCFunction)(void (*)(void))fp_set, METH_FASTCALL | METH_KEYWORDS,
+     "set(key, value, ttl=None, *, flags=0, expect_version=0) -> int: store bytes; "
+     "returns the new version."},
+    {"contains", (PyCFunction)fp_contains, METH_O,
+     "contains(key) -> bool: present and not expired."},
+    {"detach", (PyCFunction)fp_detach, METH_NOARGS,
+     "Forget the engine handle (called by Segment.close before it is freed)."},
+    {NULL, NULL, 0, NULL}};
+
+static PyTypeObject FastSegType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmcache._native.FastSeg",
+    .tp_basicsize = sizeof(FastSeg),
+    .tp_dealloc = (destructor)fp_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Direct-call get/set/contains on one engine handle (internal).",
+    .tp_methods = fp_methods,
+};
+
+/* Called through cffi (whose wrapper releases the GIL, so take it back here).  Appends
+ * a new FastSeg for handle c to the Python list out_list; 0 on success. */
+int shm_py_fastseg(shm_cache *c, void *raise_fn, void *out_list) {
+    PyGILState_STATE g = PyGILState_Ensure();
+    int rc = -1;
+    if ((FastSegType.tp_flags & Py_TPFLAGS_READY) || PyType_Ready(&FastSegType) == 0) {
+        FastSeg *f = PyObject_New(FastSeg, &FastSegType);
+        if (f) {
+            f->c = c;
+            f->guess = 0;
+            f->raise = (PyObject *)raise_fn;
+            Py_INCREF(f->raise);
+            rc = PyList_Append((PyObject *)out_list, (PyObject *)f);
+            Py_DECREF(f);
+        }
+    }
+    if (rc < 0) PyErr_Clear();
+    PyGILState_Release(g);
+    return rc;
+}
