@@ -30,6 +30,7 @@
 #define CACHELINE          64u
 
 #define PINS_PER_SLOT      256u
+#define MAX_STRIPES        1024u    /* see config_effective(): robust-list limit */
 #define MAX_CHAIN_STEPS    100000u  /* a longer chain means a cycle: corruption */
 #define EVICT_TRIES        64u      /* victims examined per allocation attempt */
 
@@ -41,6 +42,8 @@
 #define IT_STATE_MASK 0x0f
 #define IT_QUEUE1    0x10
 #define IT_MARK      0x80   /* scratch bit used by repair/verify only              */
+#define IT_SEEN      0x40   /* scratch bit used by verify only                     */
+#define IT_SCRATCH   (IT_MARK | IT_SEEN)
 
 /* Page map codes. */
 #define PG_FREE      0xff
@@ -267,6 +270,7 @@ HIDDEN void  slab_free_locked(shm_cache *c, sclass *k, item *it);/* class lock h
 HIDDEN void  slab_init_classes(shm_cache *c);
 HIDDEN uint64_t slab_chunk_bytes(shm_cache *c, const item *it);
 HIDDEN int   slab_free_reserved(shm_cache *c, item *it);
+HIDDEN int   slab_trim(shm_cache *c);
 
 /* ---- eviction policy (evict.c) ---- */
 HIDDEN void  ev_insert(shm_cache *c, sclass *k, item *it, uint64_t hash);
@@ -294,6 +298,7 @@ HIDDEN void  slot_release(shm_cache *c);
 HIDDEN void  slot_register_handle(shm_cache *c);
 HIDDEN void  slot_unregister_handle(shm_cache *c);
 HIDDEN int   seg_repair(shm_cache *c, int reap_only_if_needed);
+HIDDEN void  seg_clear_scratch(shm_cache *c);
 typedef struct held {
     shm_lock **locks;
     uint32_t n;

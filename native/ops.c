@@ -595,6 +595,8 @@ static int64_t sweep_all(shm_cache *c, uint64_t max, int all) {
 int shm_clear(shm_cache *c) {
     int64_t n = sweep_all(c, 0, 1);
     if (n < 0) return (int)n;
+    int r = slab_trim(c);
+    if (r < 0) return r;
     if (c->jcap) jr_append(c, SHM_JOP_CLEAR, "", 0, seg_next_version(c), 0);
     return 0;
 }

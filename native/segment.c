@@ -89,9 +89,13 @@ static int config_effective(const shm_config *in, shm_config *out) {
         return seg_err(SHM_EINVAL, "max_key_len %u exceeds 65535", out->max_key_len);
     if (out->policy < SHM_POLICY_LRU || out->policy > SHM_POLICY_S3FIFO)
         return seg_err(SHM_EINVAL, "unknown eviction policy %u", out->policy);
-    if (!is_pow2(out->nstripes) || out->nstripes > 65536)
-        return seg_err(SHM_EINVAL, "stripes must be a power of two <= 65536, got %u",
-                       out->nstripes);
+    /* A repair holds every stripe lock at once, and the kernel releases at most 2048
+     * robust mutexes of a thread that dies (ROBUST_LIST_LIMIT): more stripes would
+     * leave locks held forever after a process is killed mid-repair. */
+    if (!is_pow2(out->nstripes) || out->nstripes > MAX_STRIPES)
+        return seg_err(SHM_EINVAL, "stripes must be a power of two <= %u (a repair holds "
+                       "every stripe lock, and the kernel frees at most 2048 robust locks "
+                       "of a dying thread), got %u", MAX_STRIPES, out->nstripes);
     if (!is_pow2(out->page_bytes) || out->page_bytes < 4096 || out->page_bytes > (1u << 20))
         return seg_err(SHM_EINVAL, "page_bytes must be a power of two in [4 KiB, 1 MiB], "
                        "got %u", out->page_bytes);
@@ -355,8 +359,9 @@ int shm_attach(int fd, uint32_t wait_ms, shm_cache **out) {
         waited += 2;
     }
     if (LOAD(&h->ready) != 1u) {
+        uint64_t magic = h->magic;
         munmap(base, size);
-        if (h->magic != 0 && h->magic != SEG_MAGIC)
+        if (magic != 0 && magic != SEG_MAGIC)
             return seg_err(SHM_EFOREIGN, "not a shmcache segment (bad magic)");
         return seg_err(SHM_ENOTREADY, "segment never became ready within %u ms (its creator "
                        "died while initialising it?)", wait_ms);

@@ -357,3 +357,21 @@ int slab_free_reserved(shm_cache *c, item *it) {
     lock_release(&k->lock);
     return 0;
 }
+
+/* Return every wholly free slab page to the pool (after clear: memory is not kept
+ * by the classes that happened to use it). */
+int slab_trim(shm_cache *c) {
+    for (uint32_t i = 0; i < c->nslab; i++) {
+        sclass *k = &c->classes[i];
+        int r = lock_acquire(c, &k->lock, "size class");
+        if (r < 0) return r;
+        uint32_t pi = k->partial;
+        for (uint64_t steps = 0; pi && pi <= c->npages && steps <= c->npages; steps++) {
+            uint32_t next = c->pages[pi - 1].next;
+            if (c->pages[pi - 1].nfree == k->per_page) page_release(c, k, pi - 1);
+            pi = next;
+        }
+        lock_release(&k->lock);
+    }
+    return 0;
+}

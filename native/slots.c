@@ -275,9 +275,10 @@ static void for_each_chunk(shm_cache *c, chunk_fn fn, void *arg) {
             for (uint32_t j = 0; j < per; j++)
                 fn(c, i, p->cls, (item *)(page_addr(c, i) + (uint64_t)j * sz), arg);
             i++;
-        } else if (p->cls == c->nslab) {
+        } else if (p->cls == c->nslab && p->run >= 1 && p->run <= c->npages - i) {
+            uint64_t run = p->run;   /* fn may free the run */
             fn(c, i, c->nslab, (item *)page_addr(c, i), arg);
-            i += p->run;
+            i += run;
         } else {
             i++;
         }
@@ -288,6 +289,14 @@ static void zero_pins(shm_cache *c, uint64_t pidx, uint32_t cls, item *it, void 
     (void)c; (void)pidx; (void)cls; (void)arg;
     it->pins = 0;
 }
+
+static void clear_scratch(shm_cache *c, uint64_t pidx, uint32_t cls, item *it, void *arg) {
+    (void)c; (void)pidx; (void)cls; (void)arg;
+    it->state &= (uint8_t)~IT_SCRATCH;
+}
+
+/* Scratch bits left by a repair or verify that was killed halfway (all locks held). */
+void seg_clear_scratch(shm_cache *c) { for_each_chunk(c, clear_scratch, NULL); }
 
 typedef struct rebuild_ctx {
     const uint8_t *dead;       /* per slot: 1 if being reaped */
@@ -360,6 +369,7 @@ static void rebuild(shm_cache *c, const rebuild_ctx *x) {
             c->pages[i].nfree = 0;
             c->pages[i].next = c->pages[i].prev = 0;
         }
+    seg_clear_scratch(c);   /* an interrupted repair is simply redone from the start */
     mark_index(c);
     for_each_chunk(c, zero_pins, NULL);
     /* Pins come back from the live slots' tables, the authoritative record. */
@@ -372,10 +382,15 @@ static void rebuild(shm_cache *c, const rebuild_ctx *x) {
             uint8_t st = it ? it->state & IT_STATE_MASK : 0;
             uint64_t chunk = it ? slab_chunk_bytes(c, it) : 0;
             if (sl->state != 1 || x->dead[s] || !it || !chunk ||
-                !((it->state & IT_MARK) || st == IT_ZOMBIE) || it->pins == 0xffff) {
+                !((it->state & IT_MARK) || st == IT_ZOMBIE || st == IT_LINKED) ||
+                it->pins == 0xffff) {
                 sl->pins[i] = 0;
                 continue;
             }
+            /* Pinned but no longer indexed (its remover died halfway): a live reader
+             * still holds a view of it, so it lives on as a zombie until unpinned. */
+            if (!(it->state & IT_MARK) && st == IT_LINKED)
+                it->state = (uint8_t)((it->state & ~IT_STATE_MASK) | IT_ZOMBIE);
             it->pins++;
         }
     }
@@ -436,7 +451,11 @@ int seg_repair(shm_cache *c, int only_if_needed) {
             ndead--;
             continue;
         }
-        s->live.holder_pid = c->pid;
+        /* Dead for sure.  Let go of its liveness mutex now (the slot table lock keeps
+         * the slot from being claimed until it is freed below): a repair must hold as
+         * few robust locks as possible, since a dying thread's list is walked only for
+         * 2048 of them. */
+        pthread_mutex_unlock(&s->live.m);
     }
     if (!ndead && !LOAD(&c->hdr->needs_repair) && only_if_needed) goto unlock_slots;
     rc = seg_lock_rest(c, &h);
@@ -454,7 +473,6 @@ unlock_slots:
             slot_free_locked(c, &c->slots[i]);
             reaped++;
         }
-        pthread_mutex_unlock(&c->slots[i].live.m);
     }
     release_all(&h);
 out:

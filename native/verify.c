@@ -155,7 +155,7 @@ static void check_queues(shm_cache *c, vr *v, uint64_t *entries, uint64_t *paylo
                 if (((it->state & IT_QUEUE1) ? 1 : 0) != qi || it->cls != ci)
                     bad(v, "class %u queue %d: entry at ref %u belongs elsewhere", ci, qi, r);
                 if (item_sane(c, it)) pay += item_total(it);
-                it->state |= 0x40;   /* seen in a queue (cleared below) */
+                it->state |= IT_SEEN;   /* seen in a queue (cleared below) */
                 prev = r;
                 r = it->next;
             }
@@ -209,7 +209,7 @@ static void check_slab_page(shm_cache *c, uint64_t i, pagecheck *pc) {
         if (st == IT_LINKED && !(it->state & IT_MARK))
             bad(v, "page %llu: linked entry at ref %u is not in the index",
                 (unsigned long long)i, item_ref(c, it));
-        if ((it->state & IT_MARK) && !(it->state & 0x40))
+        if ((it->state & IT_MARK) && !(it->state & IT_SEEN))
             bad(v, "page %llu: indexed entry at ref %u is in no queue", (unsigned long long)i,
                 item_ref(c, it));
         if (st > IT_ZOMBIE)
@@ -291,8 +291,8 @@ static void clear_marks(shm_cache *c) {
         ref_t r = c->buckets[b];
         for (uint32_t steps = 0; r && steps < MAX_CHAIN_STEPS; steps++) {
             item *it = ref_item(c, r);
-            if (!it || !(it->state & (IT_MARK | 0x40))) break;
-            it->state &= (uint8_t)~(IT_MARK | 0x40);
+            if (!it || !(it->state & IT_SCRATCH)) break;
+            it->state &= (uint8_t)~IT_SCRATCH;
             r = it->hnext;
         }
     }
@@ -302,7 +302,7 @@ static void clear_marks(shm_cache *c) {
             for (uint64_t n = 0; r && n <= c->classes[ci].q[qi].count; n++) {
                 item *it = ref_item(c, r);
                 if (!it) break;
-                it->state &= (uint8_t)~(IT_MARK | 0x40);
+                it->state &= (uint8_t)~IT_SCRATCH;
                 r = it->next;
             }
         }
@@ -325,6 +325,7 @@ int shm_verify(shm_cache *c, char *report, uint64_t cap) {
         free(h.locks);
         return rc;
     }
+    seg_clear_scratch(c);   /* a killed verify or repair may have left some set */
     check_header(c, &v);
     check_pages(c, &v);
     uint64_t indexed = check_index(c, &v), queued = 0, payload = 0;

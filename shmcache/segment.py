@@ -376,8 +376,10 @@ class Segment:
 
         Race-safe when many processes start at once: exactly one creates, the others
         wait for its "ready" flag.  ``on_incompatible="recreate"`` unlinks a segment of
-        another layout/config or a corrupt one and creates a fresh one (a cold start)
-        instead of raising.
+        another layout, a corrupt one, one whose creator died before it was ready, or a
+        non-segment object under this name, and creates a fresh one (a cold start)
+        instead of raising -- but only if the object belongs to this user with
+        owner-only permissions; anything else is refused, never removed.
         """
         if on_incompatible not in ("raise", "recreate"):
             raise ValueError("on_incompatible must be 'raise' or 'recreate'")
@@ -391,8 +393,10 @@ class Segment:
             except errors.SegmentNotFoundError:
                 continue  # unlinked between our two calls: try to create again
             except (errors.IncompatibleSegmentError, errors.SegmentCorruptError,
-                    errors.SegmentNotReadyError):
-                if on_incompatible != "recreate":
+                    errors.SegmentNotReadyError, errors.ForeignSegmentError):
+                # Recreate only what is ours: same owner, owner-only mode.  An object
+                # of another user, or one with wider permissions, is never unlinked.
+                if on_incompatible != "recreate" or not _owned_by_us(name):
                     raise
                 unlink_segment(name)
         raise errors.SegmentError(f"could not create or attach segment {name!r}")
@@ -798,6 +802,14 @@ def _make_config(size: int, max_key_len: int, max_value_len: int, max_entries: i
     cfg.lock_timeout_ms = max(1, int(lock_timeout * 1000))
     cfg.page_bytes = page_bytes
     return cfg
+
+
+def _owned_by_us(name: str) -> bool:
+    try:
+        st = os.stat("/dev/shm/" + _posix_name(name).lstrip("/"))
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o077
 
 
 def unlink_segment(name: str) -> bool:

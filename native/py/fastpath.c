@@ -46,21 +46,28 @@ static PyObject *fp_engine_error(FastSeg *self, int64_t code) {
     return fp_raise(self, (int)code, shm_last_error());
 }
 
-/* Key as bytes: str (UTF-8, cached by CPython for compact strings) or bytes. */
-static int fp_key(FastSeg *self, PyObject *key, const char **p, Py_ssize_t *n) {
-    if (PyUnicode_CheckExact(key) || PyUnicode_Check(key)) {
+/* Key as bytes: str (UTF-8, cached by CPython for compact strings), bytes, or any
+ * other bytes-like object (copied into *tmp, which the caller releases). */
+static int fp_key(FastSeg *self, PyObject *key, const char **p, Py_ssize_t *n,
+                  PyObject **tmp) {
+    *tmp = NULL;
+    if (PyUnicode_Check(key)) {
         *p = PyUnicode_AsUTF8AndSize(key, n);
         return *p ? 0 : -1;
     }
-    if (PyBytes_Check(key)) {
-        *p = PyBytes_AS_STRING(key);
-        *n = PyBytes_GET_SIZE(key);
-        return 0;
+    if (!PyBytes_Check(key)) {
+        if (!PyObject_CheckBuffer(key)) {
+            char msg[160];
+            snprintf(msg, sizeof msg, "key must be str or bytes-like, not %.80s",
+                     Py_TYPE(key)->tp_name);
+            fp_raise(self, FP_ENOTBYTES, msg);
+            return -1;
+        }
+        if (!(*tmp = key = PyBytes_FromObject(key))) return -1;
     }
-    char msg[160];
-    snprintf(msg, sizeof msg, "key must be str or bytes, not %.80s", Py_TYPE(key)->tp_name);
-    fp_raise(self, FP_ENOTBYTES, msg);
-    return -1;
+    *p = PyBytes_AS_STRING(key);
+    *n = PyBytes_GET_SIZE(key);
+    return 0;
 }
 
 static inline int fp_open(FastSeg *self) {
@@ -69,6 +76,8 @@ static inline int fp_open(FastSeg *self) {
     return 0;
 }
 
+static PyObject *fp_get_key(FastSeg *self, const char *k, Py_ssize_t kl, PyObject *dflt);
+
 static PyObject *fp_get(FastSeg *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 1 || nargs > 2) {
         PyErr_SetString(PyExc_TypeError, "get(key, default=None)");
@@ -76,7 +85,14 @@ static PyObject *fp_get(FastSeg *self, PyObject *const *args, Py_ssize_t nargs) 
     }
     const char *k;
     Py_ssize_t kl;
-    if (!fp_open(self) || fp_key(self, args[0], &k, &kl) < 0) return NULL;
+    PyObject *tmp;
+    if (!fp_open(self) || fp_key(self, args[0], &k, &kl, &tmp) < 0) return NULL;
+    PyObject *r = fp_get_key(self, k, kl, nargs > 1 ? args[1] : Py_None);
+    Py_XDECREF(tmp);
+    return r;
+}
+
+static PyObject *fp_get_key(FastSeg *self, const char *k, Py_ssize_t kl, PyObject *dflt) {
     uint32_t klen = (uint32_t)(kl > 0xffffffffLL ? 0xffffffff : kl);
     int64_t n;
     while (self->guess >= FP_DIRECT_MIN) {
@@ -101,9 +117,8 @@ static PyObject *fp_get(FastSeg *self, PyObject *const *args, Py_ssize_t nargs) 
     }
 done:
     if (n == SHM_MISS) {
-        PyObject *d = nargs > 1 ? args[1] : Py_None;
-        Py_INCREF(d);
-        return d;
+        Py_INCREF(dflt);
+        return dflt;
     }
     return fp_engine_error(self, n);
 }
@@ -111,11 +126,16 @@ done:
 static PyObject *fp_contains(FastSeg *self, PyObject *key) {
     const char *k;
     Py_ssize_t kl;
-    if (!fp_open(self) || fp_key(self, key, &k, &kl) < 0) return NULL;
+    PyObject *tmp;
+    if (!fp_open(self) || fp_key(self, key, &k, &kl, &tmp) < 0) return NULL;
     int r = shm_contains(self->c, k, (uint32_t)(kl > 0xffffffffLL ? 0xffffffff : kl));
+    Py_XDECREF(tmp);
     if (r < 0) return fp_engine_error(self, r);
     return PyBool_FromLong(r);
 }
+
+static PyObject *fp_set_key(FastSeg *self, const char *k, Py_ssize_t kl, PyObject *val,
+                            PyObject *ttl, uint32_t flags, uint64_t expect);
 
 /* set(key, value, ttl=None, *, flags=0, expect_version=0) -> int version */
 static PyObject *fp_set(FastSeg *self, PyObject *const *args, Py_ssize_t nargs,
@@ -158,7 +178,15 @@ static PyObject *fp_set(FastSeg *self, PyObject *const *args, Py_ssize_t nargs,
     }
     const char *k;
     Py_ssize_t kl;
-    if (!fp_open(self) || fp_key(self, args[0], &k, &kl) < 0) return NULL;
+    PyObject *tmp;
+    if (!fp_open(self) || fp_key(self, args[0], &k, &kl, &tmp) < 0) return NULL;
+    PyObject *r = fp_set_key(self, k, kl, args[1], ttl, (uint32_t)flags, expect);
+    Py_XDECREF(tmp);
+    return r;
+}
+
+static PyObject *fp_set_key(FastSeg *self, const char *k, Py_ssize_t kl, PyObject *val,
+                            PyObject *ttl, uint32_t flags, uint64_t expect) {
     int64_t ttl_ms = 0;
     if (ttl != Py_None) {
         if (PyBool_Check(ttl) || !(PyLong_Check(ttl) || PyFloat_Check(ttl)))
@@ -169,18 +197,17 @@ static PyObject *fp_set(FastSeg *self, PyObject *const *args, Py_ssize_t nargs,
                                          "for no expiry)");
         ttl_ms = secs * 1000.0 < 1.0 ? 1 : (int64_t)(secs * 1000.0);
     }
-    PyObject *val = args[1];
     uint64_t ver = 0;
     int rc;
     uint32_t klen = (uint32_t)(kl > 0xffffffffLL ? 0xffffffff : kl);
     if (PyBytes_Check(val)) {
         rc = shm_set(self->c, k, klen, PyBytes_AS_STRING(val),
-                     (uint64_t)PyBytes_GET_SIZE(val), ttl_ms, (uint32_t)flags, SHM_SET,
+                     (uint64_t)PyBytes_GET_SIZE(val), ttl_ms, flags, SHM_SET,
                      expect, &ver);
     } else if (PyByteArray_Check(val) || PyMemoryView_Check(val)) {
         Py_buffer view;
         if (PyObject_GetBuffer(val, &view, PyBUF_SIMPLE) < 0) return NULL;
-        rc = shm_set(self->c, k, klen, view.buf, (uint64_t)view.len, ttl_ms, (uint32_t)flags,
+        rc = shm_set(self->c, k, klen, view.buf, (uint64_t)view.len, ttl_ms, flags,
                      SHM_SET, expect, &ver);
         PyBuffer_Release(&view);
     } else {

@@ -1363,7 +1363,7 @@ static void test_kill_loop(void) {
     shm_cache *c = create_seg(&cfg, &name);
     int killed = 0, exited_early = 0;
     double t = now_s();
-    for (int round = 0; round < 30; round++) {
+    for (int round = 0; round < 60; round++) {
         pid_t pid = fork();
         CHECK(pid >= 0);
         if (pid == 0) killed_child(c, (uint32_t)round + 1);
@@ -1404,7 +1404,7 @@ static void test_kill_loop(void) {
     }
     CHECK(shm_slot_stats_get(c, s.max_slots, &(shm_slot_stats){0}) < 0);
     /* nothing torn: every value present checks out */
-    uint64_t present = check_all(c, "kill", 400) + check_all(c, "parent", 30);
+    uint64_t present = check_all(c, "kill", 400) + check_all(c, "parent", 60);
     int64_t r = 0;
     int rc = shm_incr(c, "kill-counter", 12, 0, 0, 0, 0, &r);
     CHECK(rc == SHM_OK || rc == SHM_MISS);
