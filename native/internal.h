@@ -206,6 +206,7 @@ struct shm_cache {
     uint64_t  data_off, data_end, npages, nbuckets, bucket_mask, nghost, jcap;
     uint32_t  nstripes, nslab, page_bytes, page_shift, max_slots, max_key_len;
     uint32_t  policy, lock_timeout_ms;
+    int       verify_reads;
     uint64_t  max_value_len, max_entries;
     shm_config cfg;
     uint32_t  class_size[SHM_MAX_CLASSES];
@@ -232,6 +233,8 @@ HIDDEN int  lock_init(shm_lock *l, uint32_t id);
 HIDDEN int  lock_acquire(shm_cache *c, shm_lock *l, const char *what);
 HIDDEN int  lock_try(shm_cache *c, shm_lock *l);   /* 0 acquired, else busy        */
 HIDDEN void lock_release(shm_lock *l);
+/* The mutex's bytes are not what pthread_mutex_init made (scribbled memory). */
+HIDDEN int  lock_damaged(shm_lock *l);
 
 /* ---- refs and bounds ---- */
 static inline item *ref_item(shm_cache *c, ref_t r) {

@@ -12,17 +12,43 @@
 
 #include "internal.h"
 
-int lock_init(shm_lock *l, uint32_t id) {
+static int mutex_init(pthread_mutex_t *m) {
     pthread_mutexattr_t a;
     int rc = pthread_mutexattr_init(&a);
     if (rc == 0) rc = pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
     if (rc == 0) rc = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
-    if (rc == 0) rc = pthread_mutex_init(&l->m, &a);
+    if (rc == 0) rc = pthread_mutex_init(m, &a);
     pthread_mutexattr_destroy(&a);
+    return rc;
+}
+
+int lock_init(shm_lock *l, uint32_t id) {
+    int rc = mutex_init(&l->m);
     l->holder_pid = 0;
     l->id = id;
     return rc == 0 ? 0 : seg_err(SHM_ESYS, "pthread_mutex_init: %s", strerror(rc));
 }
+
+/* A mutex lives in memory any process of this user can scribble on.  glibc trusts the
+ * mutex's kind field and asserts (aborting the interpreter) on some garbage values, so
+ * before every use we compare it with the kind our own initialisation produces. */
+#ifdef __GLIBC__
+static int expected_kind;
+static pthread_once_t kind_once = PTHREAD_ONCE_INIT;
+static void kind_probe(void) {
+    pthread_mutex_t m;
+    if (mutex_init(&m) == 0) {
+        expected_kind = m.__data.__kind;
+        pthread_mutex_destroy(&m);
+    }
+}
+int lock_damaged(shm_lock *l) {
+    pthread_once(&kind_once, kind_probe);
+    return LOAD_RLX(&l->m.__data.__kind) != expected_kind;
+}
+#else
+int lock_damaged(shm_lock *l) { (void)l; return 0; }
+#endif
 
 static int lock_took(shm_cache *c, shm_lock *l, int rc) {
     if (rc == 0) {
@@ -40,6 +66,9 @@ static int lock_took(shm_cache *c, shm_lock *l, int rc) {
 }
 
 int lock_acquire(shm_cache *c, shm_lock *l, const char *what) {
+    if (UNLIKELY(lock_damaged(l)))
+        return seg_err(SHM_ECORRUPT, "%s lock %u is damaged (overwritten in shared memory); "
+                       "the segment must be recreated", what, l->id);
     int rc = pthread_mutex_trylock(&l->m);
     if (LIKELY(rc == 0)) {
         STORE_RLX(&l->holder_pid, c->pid);
@@ -68,6 +97,7 @@ int lock_acquire(shm_cache *c, shm_lock *l, const char *what) {
 }
 
 int lock_try(shm_cache *c, shm_lock *l) {
+    if (UNLIKELY(lock_damaged(l))) return -1;
     int rc = pthread_mutex_trylock(&l->m);
     int r = lock_took(c, l, rc);
     if (r == 0) return 0;

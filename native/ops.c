@@ -71,15 +71,25 @@ static inline void fill_info(shm_item_info *info, const item *it) {
     info->reserved = 0;
 }
 
-/* Remove an expired entry found under its stripe lock. */
-static int drop_expired(shm_cache *c, ref_t *link, item *it, int reason) {
+/* Remove an entry found under its stripe lock and count why in *counter. */
+static int drop_entry(shm_cache *c, ref_t *link, item *it, uint64_t *counter) {
     sclass *k;
     int r = class_lock(c, it, &k);
     if (r < 0) return r;
     idx_remove_locked(c, k, link, it);
     lock_release(&k->lock);
-    ADD_RLX(&c->ctr->evictions[reason], 1);
+    ADD_RLX(counter, 1);
     return 0;
+}
+
+static int drop_expired(shm_cache *c, ref_t *link, item *it, int reason) {
+    return drop_entry(c, link, it, &c->ctr->evictions[reason]);
+}
+
+/* A checksum failure under verify_reads: the entry is unlinked (its chunk freed by the
+ * usual path) and counted, never served. */
+static int drop_damaged(shm_cache *c, ref_t *link, item *it) {
+    return drop_entry(c, link, it, &c->ctr->corrupt_dropped);
 }
 
 /* ---- reads ---- */
@@ -105,10 +115,16 @@ static int64_t get_once(shm_cache *c, const char *key, uint32_t klen, uint64_t h
         CTR(c, misses);
         return SHM_MISS;
     }
+    if (UNLIKELY(c->verify_reads) && hash_item_csum(it) != it->csum) {
+        r = drop_damaged(c, link, it);
+        lock_release(s);
+        CTR(c, misses);
+        return r < 0 ? r : SHM_MISS;
+    }
     uint64_t n = it->vlen;
     if (info) fill_info(info, it);
     if (LIKELY(n <= cap)) {
-        memcpy(buf, item_val(it), n);
+        if (n) memcpy(buf, item_val(it), n);
         ev_hit(c, it);
     }
     lock_release(s);
@@ -677,6 +693,12 @@ static int pin_once(shm_cache *c, const char *key, uint32_t klen, uint64_t h,
         CTR(c, misses);
         return SHM_MISS;
     }
+    if (UNLIKELY(c->verify_reads) && hash_item_csum(it) != it->csum) {
+        r = drop_damaged(c, link, it);
+        lock_release(s);
+        CTR(c, misses);
+        return r < 0 ? r : SHM_MISS;
+    }
     if (LOAD(&it->pins) >= 0xfff0) {
         lock_release(s);
         return seg_err(SHM_EINVAL, "entry is pinned too many times");
@@ -698,7 +720,7 @@ static int pin_once(shm_cache *c, const char *key, uint32_t klen, uint64_t h,
     *ptr = item_val(it);
     *vlen = it->vlen;
     if (info) fill_info(info, it);
-    *pin_id = i;
+    *pin_id = ((uint32_t)(c->slot_id + 1) << 8) | i;
     ev_hit(c, it);
     lock_release(s);
     CTR(c, hits);
@@ -720,8 +742,9 @@ int shm_pin(shm_cache *c, const char *key, uint32_t klen, const char **ptr, uint
 }
 
 int shm_unpin(shm_cache *c, uint32_t pin_id) {
-    if (c->slot_id < 0 || pin_id >= PINS_PER_SLOT)
-        return seg_err(SHM_EINVAL, "no such pin %u", pin_id);
+    if (c->slot_id < 0 || (pin_id >> 8) != (uint32_t)c->slot_id + 1)
+        return seg_err(SHM_EINVAL, "pin %u was not taken by this process", pin_id);
+    pin_id &= PINS_PER_SLOT - 1;
     slot *sl = &c->slots[c->slot_id];
     ref_t ref = LOAD(&sl->pins[pin_id]);
     item *it = ref_item(c, ref);

@@ -84,7 +84,8 @@ static int config_effective(const shm_config *in, shm_config *out) {
     if (!out->max_slots) out->max_slots = DEFAULT_SLOTS;
     if (!out->lock_timeout_ms) out->lock_timeout_ms = DEFAULT_TIMEOUT;
     if (!out->page_bytes) out->page_bytes = DEFAULT_PAGE;
-    out->reserved = 0;
+    if (out->flags & ~(uint32_t)SHM_CFG_VERIFY_READS)
+        return seg_err(SHM_EINVAL, "unknown config flags 0x%x", out->flags);
     if (out->max_key_len > 65535)
         return seg_err(SHM_EINVAL, "max_key_len %u exceeds 65535", out->max_key_len);
     if (out->policy < SHM_POLICY_LRU || out->policy > SHM_POLICY_S3FIFO)
@@ -199,6 +200,7 @@ static void bind(shm_cache *c, uint8_t *base, uint64_t size, const seg_header *h
     c->lock_timeout_ms = h->cfg.lock_timeout_ms;
     c->max_value_len = h->cfg.max_value_len;
     c->max_entries = h->cfg.max_entries;
+    c->verify_reads = (h->cfg.flags & SHM_CFG_VERIFY_READS) != 0;
     memcpy(c->class_size, h->class_size, sizeof c->class_size);
     c->cfg = h->cfg;
     c->slot_id = -1;

@@ -80,8 +80,12 @@ typedef struct shm_config {
     uint32_t max_slots;         /* process slots; 0: default 256                 */
     uint32_t lock_timeout_ms;   /* 0: default 10000                              */
     uint32_t page_bytes;        /* slab page size, power of two; 0: 64 KiB       */
-    uint32_t reserved;
+    uint32_t flags;             /* SHM_CFG_* bits                                */
 } shm_config;
+
+/* shm_config.flags */
+#define SHM_CFG_VERIFY_READS 1  /* check each entry's checksum on every read; a
+                                   damaged entry is dropped and counted, not served */
 
 typedef struct shm_item_info {
     uint64_t version;           /* bumped by every write; never reused           */
@@ -106,6 +110,7 @@ typedef struct shm_counters {
     uint64_t set_failures;      /* SHM_EFULL returned                            */
     uint64_t evictions[SHM_NREASONS];
     uint64_t lock_repairs;      /* EOWNERDEAD recoveries performed               */
+    uint64_t corrupt_dropped;   /* entries dropped because their checksum failed */
 } shm_counters;
 
 typedef struct shm_stats {
@@ -188,6 +193,8 @@ int  shm_clear(shm_cache *c);
  * when its slot is reaped. */
 int  shm_pin(shm_cache *c, const char *key, uint32_t klen, const char **ptr,
              uint64_t *vlen, shm_item_info *info, uint32_t *pin_id);
+/* pin_id names the slot that pinned, so a forked child cannot release its parent's
+ * pin (or its own by mistake) through an inherited id: SHM_EINVAL. */
 int  shm_unpin(shm_cache *c, uint32_t pin_id);
 
 /* Key iteration for tools.  *cursor starts at 0 and is 0 again when done.  Fills

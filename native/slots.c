@@ -69,6 +69,8 @@ static int claim_locked(shm_cache *c, uint64_t start) {
     for (uint32_t i = 0; i < c->max_slots; i++) {
         slot *s = &c->slots[i];
         if (s->state != 0) continue;
+        /* A free slot's mutex has no legitimate holder: if scribbled, make it anew. */
+        if (lock_damaged(&s->live) && lock_init(&s->live, i) < 0) continue;
         int rc = pthread_mutex_trylock(&s->live.m);
         if (rc == EOWNERDEAD) pthread_mutex_consistent(&s->live.m);
         else if (rc != 0) continue;
@@ -123,14 +125,14 @@ void slot_release(shm_cache *c) {
     if (c->slot_id < 0) return;
     slot *s = &c->slots[c->slot_id];
     for (uint32_t i = 0; i < PINS_PER_SLOT; i++)
-        if (LOAD_RLX(&s->pins[i])) shm_unpin(c, i);
+        if (LOAD_RLX(&s->pins[i])) shm_unpin(c, ((uint32_t)(c->slot_id + 1) << 8) | i);
     if (lock_acquire(c, &c->hdr->slot_lock, "slot table") >= 0) {
         slot_free_locked(c, s);
         lock_release(&c->hdr->slot_lock);
     }
     /* Fails harmlessly (EPERM) if another thread attached: that thread's exit then
      * leaves the mutex owner-dead, which the next claimant handles. */
-    pthread_mutex_unlock(&s->live.m);
+    if (!lock_damaged(&s->live)) pthread_mutex_unlock(&s->live.m);
     c->slot_id = -1;
     c->ctr = &c->sink;
 }
@@ -444,6 +446,7 @@ int seg_repair(shm_cache *c, int only_if_needed) {
     for (uint32_t i = 0; i < c->max_slots; i++) {
         if (!dead[i]) continue;
         slot *s = &c->slots[i];
+        if (s->state == 1 && lock_damaged(&s->live)) lock_init(&s->live, i);  /* dead */
         int t = s->state == 1 ? pthread_mutex_trylock(&s->live.m) : EBUSY;
         if (t == EOWNERDEAD) pthread_mutex_consistent(&s->live.m);
         else if (t != 0) {

@@ -151,7 +151,7 @@ def _struct_dict(cdata: Any, cls: type) -> dict[str, Any]:
 def _counters(c: Any) -> dict[str, int]:
     d = {k: int(getattr(c, k)) for k in
          ("hits", "misses", "sets", "deletes", "touches", "incrs", "set_failures",
-          "lock_repairs")}
+          "lock_repairs", "corrupt_dropped")}
     for i, r in enumerate(_REASONS):
         d[f"evicted_{r}"] = int(c.evictions[i])
     return d
@@ -250,21 +250,26 @@ class PinnedValue:
     ``memoryview``) while pinned; it is released together with the pin.
     """
 
-    __slots__ = ("_seg", "_pin", "view", "info")
+    __slots__ = ("_seg", "_pin", "_pid", "view", "info")
 
     def __init__(self, seg: Segment, pin: int, view: memoryview, info: ItemInfo) -> None:
         self._seg: Segment | None = seg
         self._pin = pin
+        self._pid = os.getpid()
         self.view = view
         self.info = info
 
     def release(self) -> None:
-        """Drop the pin; the memoryview becomes unusable.  Idempotent."""
+        """Drop the pin; the memoryview becomes unusable.  Idempotent.
+
+        In a forked child, an inherited ``PinnedValue`` only drops the child's view: the
+        pin belongs to the parent, which releases it itself.
+        """
         seg, self._seg = self._seg, None
         if seg is None:
             return
         self.view.release()
-        if seg._h is not None:
+        if seg._h is not None and self._pid == os.getpid():
             rc = lib.shm_unpin(seg._h, self._pin)
             if rc < 0:
                 _raise(rc)
@@ -315,15 +320,20 @@ class Segment:
                max_value_len: int = 0, max_entries: int = 0, policy: str = "s3fifo",
                stripes: int = 0, avg_item_bytes: int = 0, max_slots: int = 0,
                journal_bytes: int = 0, lock_timeout: float = 10.0,
-               page_bytes: int = 0) -> Segment:
+               page_bytes: int = 0, verify_reads: bool = False) -> Segment:
         """Create a new segment; ``FileExistsError`` if the name is taken.
 
         ``size`` is the whole segment in bytes.  ``policy`` is ``"s3fifo"`` (default),
         ``"sieve"`` or ``"lru"``.  ``max_entries`` adds a bound by entry count.
+        ``verify_reads`` checks each entry's checksum on every read and drops a damaged
+        entry instead of serving it (off by default: it costs a hash of the value per
+        read, and only this user's processes can write the segment; ``verify()`` and the
+        repair after a crash always check).
         """
         cfg = _make_config(size, max_key_len, max_value_len, max_entries, policy, stripes,
                            avg_item_bytes, max_slots, journal_bytes, lock_timeout,
                            page_bytes)
+        cfg.flags = lib.SHM_CFG_VERIFY_READS if verify_reads else 0
         pname = _posix_name(name)
         try:
             mem = posix_ipc.SharedMemory(pname, posix_ipc.O_CREX, mode=0o600)
@@ -760,7 +770,7 @@ class Segment:
         """This process's slot number in the segment."""
         return int(lib.shm_my_slot(self._handle()))
 
-    def config(self) -> dict[str, int | str]:
+    def config(self) -> dict[str, int | str | bool]:
         """The configuration the segment was created with (defaults applied)."""
         c = ffi.new("shm_config *")
         rc = lib.shm_get_config(self._handle(), c)
@@ -772,7 +782,8 @@ class Segment:
                 "policy": _POLICY_NAMES.get(c.policy, str(c.policy)),
                 "stripes": c.nstripes, "avg_item_bytes": c.avg_item_bytes,
                 "max_slots": c.max_slots, "lock_timeout_ms": c.lock_timeout_ms,
-                "page_bytes": c.page_bytes}
+                "page_bytes": c.page_bytes,
+                "verify_reads": bool(c.flags & lib.SHM_CFG_VERIFY_READS)}
 
 
 def _make_config(size: int, max_key_len: int, max_value_len: int, max_entries: int,

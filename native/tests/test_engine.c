@@ -262,14 +262,15 @@ static void test_misc(void) {
     CHECK(shm_last_error() != NULL);
 
     /* Configurations the header rules out are refused with SHM_EINVAL. */
-    struct { const char *what; shm_config cfg; } bad[5];
-    for (int i = 0; i < 5; i++) bad[i].cfg = cfg_of(8 << 20);
+    struct { const char *what; shm_config cfg; } bad[6];
+    for (int i = 0; i < 6; i++) bad[i].cfg = cfg_of(8 << 20);
     bad[0].what = "stripes not a power of two"; bad[0].cfg.nstripes = 3;
     bad[1].what = "page_bytes not a power of two"; bad[1].cfg.page_bytes = 50000;
     bad[2].what = "max_key_len > 65535"; bad[2].cfg.max_key_len = 65536;
     bad[3].what = "unknown policy"; bad[3].cfg.policy = 99;
     bad[4].what = "size far too small"; bad[4].cfg.size_bytes = 1024;
-    for (int i = 0; i < 5; i++) {
+    bad[5].what = "unknown config flag"; bad[5].cfg.flags = 0x80;
+    for (int i = 0; i < 6; i++) {
         const char *name;
         int fd = new_object(&name);
         shm_cache *c = NULL;
@@ -1105,6 +1106,61 @@ static void test_max_entries(void) {
     destroy_seg(c, name);
 }
 
+/* SHM_CFG_VERIFY_READS: bytes damaged inside the segment are dropped, never served. */
+static void test_verify_reads(void) {
+    const char *name;
+    shm_config cfg = cfg_of(8 << 20);
+    cfg.flags = SHM_CFG_VERIFY_READS;
+    shm_cache *c = create_seg(&cfg, &name);
+    CHECK_EQ(config_of(c).flags, SHM_CFG_VERIFY_READS);
+    static char v[3000], big[150000];
+    fill_value(v, sizeof v, 7);
+    fill_value(big, sizeof big, 8);
+    CHECK_EQ(shm_set(c, "good", 4, v, sizeof v, 0, 0, SHM_SET, 0, NULL), SHM_OK);
+    CHECK_EQ(shm_set(c, "bad", 3, v, sizeof v, 0, 0, SHM_SET, 0, NULL), SHM_OK);
+    CHECK_EQ(shm_set(c, "badbig", 6, big, sizeof big, 0, 0, SHM_SET, 0, NULL), SHM_OK);
+    CHECK_EQ(shm_set(c, "badpin", 6, v, sizeof v, 0, 0, SHM_SET, 0, NULL), SHM_OK);
+
+    /* flip one value byte in place, through a pinned pointer into the mapping */
+    const char *keys[3] = {"bad", "badbig", "badpin"};
+    for (int i = 0; i < 3; i++) {
+        const char *p;
+        uint64_t l;
+        uint32_t id;
+        shm_item_info info;
+        CHECK_EQ(shm_pin(c, keys[i], (uint32_t)strlen(keys[i]), &p, &l, &info, &id), SHM_OK);
+        ((char *)p)[l / 2] ^= 0x5a;
+        CHECK_EQ(shm_unpin(c, id), SHM_OK);
+    }
+    shm_stats s0 = stats_of(c);
+    char *got = NULL;
+    CHECK_EQ(get_alloc(c, "bad", 3, &got), SHM_MISS);
+    free(got);
+    CHECK_EQ(get_alloc(c, "badbig", 6, &got), SHM_MISS);
+    free(got);
+    {
+        const char *p;
+        uint64_t l;
+        uint32_t id;
+        shm_item_info info;
+        CHECK_EQ(shm_pin(c, "badpin", 6, &p, &l, &info, &id), SHM_MISS);
+    }
+    CHECK_EQ(get_alloc(c, "good", 4, &got), (int64_t)sizeof v);
+    CHECK(value_ok(got, sizeof v, NULL));
+    free(got);
+    shm_stats s1 = stats_of(c);
+    CHECK_EQ(s1.total.corrupt_dropped - s0.total.corrupt_dropped, 3);
+    CHECK_EQ(s1.entries, 1);
+    CHECK_EQ(shm_contains(c, "bad", 3), 0);
+    verify_ok(c);
+    /* the memory is reusable */
+    CHECK_EQ(shm_set(c, "bad", 3, v, sizeof v, 0, 0, SHM_SET, 0, NULL), SHM_OK);
+    CHECK_EQ(get_alloc(c, "bad", 3, &got), (int64_t)sizeof v);
+    free(got);
+    verify_ok(c);
+    destroy_seg(c, name);
+}
+
 typedef struct { uint32_t op; char key[64]; uint32_t klen; uint64_t version; int64_t exp; } jrec;
 
 static int drain_all(shm_cache *c, jrec *out, int max, uint64_t cap) {
@@ -1237,6 +1293,12 @@ static void test_fork(void) {
     CHECK(parent_slot >= 0);
     CHECK_EQ(set_simple(c, "from-parent", "p"), SHM_OK);
 
+    const char *pp;
+    uint64_t pl;
+    uint32_t parent_pin;
+    shm_item_info pinfo;
+    CHECK_EQ(shm_pin(c, "from-parent", 11, &pp, &pl, &pinfo, &parent_pin), SHM_OK);
+
     /* 1: the child writes through the inherited handle and closes it */
     pid_t pid = fork();
     CHECK(pid >= 0);
@@ -1248,6 +1310,7 @@ static void test_fork(void) {
         CHECK_EQ(shm_slot_stats_get(c, (uint32_t)s, &ss), SHM_OK);
         CHECK_EQ(ss.pid, getpid());
         expect_value(c, "from-parent", "p");
+        CHECK_EQ(shm_unpin(c, parent_pin), SHM_EINVAL);    /* not the child's pin */
         char k[64], v[64];
         for (uint64_t i = 0; i < 1000; i++) {
             uint32_t kl = key_of(k, "child", i);
@@ -1269,6 +1332,10 @@ static void test_fork(void) {
         CHECK(memcmp(buf, v, (size_t)vl) == 0);
     }
     CHECK_EQ(shm_my_slot(c), parent_slot);                   /* parent unchanged */
+    shm_slot_stats pss;
+    CHECK_EQ(shm_slot_stats_get(c, (uint32_t)parent_slot, &pss), SHM_OK);
+    CHECK_EQ(pss.pins, 1);                                   /* still the parent's */
+    CHECK_EQ(shm_unpin(c, parent_pin), SHM_OK);
     shm_stats s = stats_of(c);
     CHECK(s.total.sets >= 1001);                              /* child's counters kept */
     CHECK_EQ(s.live_slots, 1);
@@ -1688,6 +1755,7 @@ static const test_case TESTS[] = {
     {"eviction_fill", test_eviction_fill},
     {"mixed_sizes", test_mixed_sizes},
     {"max_entries", test_max_entries},
+    {"verify_reads", test_verify_reads},
     {"journal", test_journal},
     {"fork", test_fork},
     {"threads", test_threads},
