@@ -44,18 +44,47 @@ static void q_unlink(shm_cache *c, queue *q, item *it) {
 
 /* ---- ghost fingerprints (S3-FIFO) ---- */
 
+/* Keys recently evicted, as 16-bit tags in 8-way buckets with round-robin replacement
+ * (about 2 bytes per cached entry).  Shared by all classes and touched under different
+ * class locks at once: every access is a relaxed atomic, and a lost update only costs a
+ * ghost hit. */
+static inline uint16_t *ghost_bucket(shm_cache *c, uint64_t h, uint16_t *tag) {
+    uint16_t t = (uint16_t)h;
+    *tag = t ? t : 1;
+    uint64_t b = ((h >> 32) * c->nghost) >> 32;
+    return &c->ghost[b * 8];
+}
+
 void ev_ghost_remember(shm_cache *c, uint64_t h) {
     if (!c->nghost) return;
-    uint32_t fp = (uint32_t)(h >> 32) | 1u;
-    STORE_RLX(&c->ghost[(h ^ (h >> 29)) & (c->nghost - 1)], fp);
+    uint16_t tag, *g = ghost_bucket(c, h, &tag);
+    uint8_t *cur = &c->ghost_cursor[(g - c->ghost) / 8];
+    uint8_t i = LOAD_RLX(cur);
+    STORE_RLX(&g[i & 7], tag);
+    STORE_RLX(cur, (uint8_t)((i + 1) & 7));
 }
 
 static int ghost_take(shm_cache *c, uint64_t h) {
     if (!c->nghost) return 0;
-    uint32_t *g = &c->ghost[(h ^ (h >> 29)) & (c->nghost - 1)];
-    if (LOAD_RLX(g) != ((uint32_t)(h >> 32) | 1u)) return 0;
-    STORE_RLX(g, 0u);
-    return 1;
+    uint16_t tag, *g = ghost_bucket(c, h, &tag);
+    for (int i = 0; i < 8; i++)
+        if (LOAD_RLX(&g[i]) == tag) {
+            STORE_RLX(&g[i], (uint16_t)0);
+            return 1;
+        }
+    return 0;
+}
+
+/* S3-FIFO's small queue holds 5% of the class (measured best: docs/eviction.md). */
+static inline uint64_t small_target(const sclass *k) {
+    uint64_t n = k->q[0].count + k->q[1].count;
+    return n / 20 ? n / 20 : 1;
+}
+
+static void to_main(shm_cache *c, sclass *k, item *it) {
+    q_unlink(c, &k->q[0], it);
+    it->state |= IT_QUEUE1;
+    q_push_head(c, &k->q[1], it);    /* freq kept */
 }
 
 /* ---- insert / remove / hit ---- */
@@ -65,6 +94,13 @@ void ev_insert(shm_cache *c, sclass *k, item *it, uint64_t h) {
     it->state &= (uint8_t)~IT_QUEUE1;
     if (c->policy == SHM_POLICY_S3FIFO && ghost_take(c, h)) it->state |= IT_QUEUE1;
     q_push_head(c, q_of(k, it), it);
+    /* While the class has room, the small queue's overflow fills main. */
+    if (c->policy == SHM_POLICY_S3FIFO && !k->full)
+        for (uint32_t n = 0; n < 4 && k->q[0].count > small_target(k); n++) {
+            item *t = ref_item(c, k->q[0].tail);
+            if (!t) break;
+            to_main(c, k, t);
+        }
 }
 
 /* Repair: put a surviving entry back on the queue its state bit names. */
@@ -128,14 +164,14 @@ int ev_evict_item(shm_cache *c, sclass *k, item *it, int reason) {
         if (!n) break;
         link = &n->hnext;
     }
-    int small = c->policy == SHM_POLICY_S3FIFO && !(it->state & IT_QUEUE1);
     ev_remove(c, k, it);
     k->entries--;
     k->payload_bytes -= item_total(it);
     k->evictions++;
     k->pressure++;
     ADD_RLX(&c->ctr->evictions[reason], 1);
-    if (small && reason < SHM_REASON_EXPIRED_READ) ev_ghost_remember(c, h);
+    if (c->policy == SHM_POLICY_S3FIFO && reason < SHM_REASON_EXPIRED_READ)
+        ev_ghost_remember(c, h);
     slab_free_locked(c, k, it);
     lock_release(s);
     return 1;
@@ -174,28 +210,26 @@ static int evict_sieve(shm_cache *c, sclass *k, int reason) {
     return 0;
 }
 
+/* S3-FIFO-fill: evict from the small queue while it is over 5% (a reused entry moves
+ * to main, keeping its frequency), else CLOCK over main (reinsert while freq > 0). */
 static int evict_s3fifo(shm_cache *c, sclass *k, int reason) {
     queue *small = &k->q[0], *main = &k->q[1];
-    uint64_t total = small->count + main->count;
-    uint64_t limit = 4 * total + EVICT_TRIES, fails = 0;
+    uint64_t limit = 4 * (small->count + main->count) + EVICT_TRIES, fails = 0;
+    k->full = 1;
     for (uint64_t t = 0; t < limit && (small->count || main->count); t++) {
-        int from_small = small->count && (small->count * 10 >= total || !main->count);
+        int from_small = small->count && (small->count > small_target(k) || !main->count);
         queue *q = from_small ? small : main;
         item *it = ref_item(c, q->tail);
         if (!it) return 0;
         uint8_t f = LOAD_RLX(&it->freq);
-        if (from_small && f > 0) {
-            /* Seen again while on probation: promote to main. */
-            q_unlink(c, small, it);
-            it->state |= IT_QUEUE1;
-            STORE_RLX(&it->freq, (uint8_t)0);
-            q_push_head(c, main, it);
-            continue;
-        }
-        if (!from_small && f > 0) {
-            STORE_RLX(&it->freq, (uint8_t)(f - 1));
-            q_unlink(c, main, it);
-            q_push_head(c, main, it);
+        if (f > 0) {
+            if (from_small) {
+                to_main(c, k, it);
+            } else {
+                STORE_RLX(&it->freq, (uint8_t)(f - 1));
+                q_unlink(c, main, it);
+                q_push_head(c, main, it);
+            }
             continue;
         }
         if (ev_evict_item(c, k, it, reason)) return 1;

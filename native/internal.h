@@ -131,7 +131,7 @@ typedef struct sclass {
     uint64_t free_chunks;
     queue    q[2];          /* S3-FIFO: small, main; others use q[0]               */
     ref_t    hand;          /* SIEVE hand                                          */
-    uint32_t pad;
+    uint32_t full;          /* S3-FIFO: evicted since it last gained a page        */
     uint64_t evictions;
     uint64_t pressure;      /* evictions since the class last gained a page        */
 } ALIGNED(CACHELINE) sclass;
@@ -200,7 +200,8 @@ struct shm_cache {
     pool     *pool;
     journal  *jr;
     uint8_t  *jdata;
-    uint32_t *ghost;
+    uint16_t *ghost;         /* nghost buckets x 8 tags                          */
+    uint8_t  *ghost_cursor;  /* per bucket: next slot to overwrite              */
     ref_t    *buckets;
     page     *pages;
     uint64_t  data_off, data_end, npages, nbuckets, bucket_mask, nghost, jcap;

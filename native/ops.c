@@ -95,7 +95,7 @@ static int drop_damaged(shm_cache *c, ref_t *link, item *it) {
 /* ---- reads ---- */
 
 static int64_t get_once(shm_cache *c, const char *key, uint32_t klen, uint64_t h, char *buf,
-                        uint64_t cap, shm_item_info *info) {
+                        uint64_t cap, shm_item_info *info, int count) {
     shm_lock *s = &c->stripes[stripe_of(c, h)];
     int r = stripe_lock(c, s);
     if (UNLIKELY(r < 0)) return r;
@@ -105,43 +105,48 @@ static int64_t get_once(shm_cache *c, const char *key, uint32_t klen, uint64_t h
     if (!it) {
         lock_release(s);
         if (err) return err;
-        CTR(c, misses);
+        if (count) CTR(c, misses);
         return SHM_MISS;
     }
     if (it->expire_ms && expired(it, seg_now(c))) {
         r = drop_expired(c, link, it, SHM_REASON_EXPIRED_READ);
         lock_release(s);
         if (r < 0) return r;
-        CTR(c, misses);
+        if (count) CTR(c, misses);
         return SHM_MISS;
     }
     if (UNLIKELY(c->verify_reads) && hash_item_csum(it) != it->csum) {
         r = drop_damaged(c, link, it);
         lock_release(s);
-        CTR(c, misses);
+        if (count) CTR(c, misses);
         return r < 0 ? r : SHM_MISS;
     }
     uint64_t n = it->vlen;
     if (info) fill_info(info, it);
-    if (LIKELY(n <= cap)) {
+    if (LIKELY(n <= cap) && count) {
         if (n) memcpy(buf, item_val(it), n);
         ev_hit(c, it);
     }
     lock_release(s);
-    if (LIKELY(n <= cap)) CTR(c, hits);
+    if (LIKELY(n <= cap) && count) CTR(c, hits);
     return (int64_t)n;
 }
 
-int64_t shm_get(shm_cache *c, const char *key, uint32_t klen, char *buf, uint64_t cap,
-                shm_item_info *info) {
+static int64_t get_counted(shm_cache *c, const char *key, uint32_t klen, char *buf,
+                           uint64_t cap, shm_item_info *info, int count) {
     int r = check_key(c, key, klen);
     if (UNLIKELY(r < 0) || UNLIKELY((r = repair_pending(c)) < 0)) return r;
     uint64_t h = idx_hash(key, klen);
     for (int a = 0;; a++) {
-        int64_t n = get_once(c, key, klen, h, buf, cap, info);
+        int64_t n = get_once(c, key, klen, h, buf, cap, info, count);
         if (LIKELY(n != SHM_EREPAIR)) return n;
         if ((r = repaired(c, a)) < 0) return r;
     }
+}
+
+int64_t shm_get(shm_cache *c, const char *key, uint32_t klen, char *buf, uint64_t cap,
+                shm_item_info *info) {
+    return get_counted(c, key, klen, buf, cap, info, 1);
 }
 
 static __thread char *tls_buf;
@@ -164,7 +169,7 @@ int64_t shm_get_tls(shm_cache *c, const char *key, uint32_t klen, const char **o
 }
 
 int shm_info(shm_cache *c, const char *key, uint32_t klen, shm_item_info *info) {
-    int64_t n = shm_get(c, key, klen, NULL, 0, info);
+    int64_t n = get_counted(c, key, klen, NULL, 0, info, 0);   /* not a hit or a miss */
     return n < 0 ? (int)n : 0;
 }
 

@@ -137,10 +137,15 @@ static int layout_compute(const shm_config *cfg, seg_header *h) {
     if (nb < 1024) nb = 1024;
     if (nb > (1ULL << 31)) nb = 1ULL << 31;
     if (nb < cfg->nstripes) nb = cfg->nstripes;
-    uint64_t ng = cfg->policy == SHM_POLICY_S3FIFO ? nb : 0;
+    /* S3-FIFO ghost: 8-way buckets of 16-bit tags (+1 cursor byte each), about 0.95
+     * slots per entry the cache can hold (max_entries, else the avg_item_bytes guess). */
+    uint64_t cap_est = cfg->max_entries ? cfg->max_entries : rest / cfg->avg_item_bytes;
+    uint64_t ng = cfg->policy == SHM_POLICY_S3FIFO ? (cap_est * 95 / 100 + 7) / 8 : 0;
+    if (cfg->policy == SHM_POLICY_S3FIFO && ng == 0) ng = 1;
+    if (ng > rest / 64) ng = rest / 64;   /* a huge max_entries must not eat the data */
     h->nbuckets = nb;
     h->nghost = ng;
-    h->off_ghost = off;    off += ng * 4;
+    h->off_ghost = off;    off += align_up(ng * 17, 64);
     h->off_buckets = off;  off += nb * 4;
     off = align_up(off, 64);
     h->off_pages = off;
@@ -181,7 +186,8 @@ static void bind(shm_cache *c, uint8_t *base, uint64_t size, const seg_header *h
     c->jr = (journal *)(base + h->off_journal);
     c->jdata = base + h->off_jdata;
     c->jcap = h->cfg.journal_bytes;
-    c->ghost = (uint32_t *)(base + h->off_ghost);
+    c->ghost = (uint16_t *)(base + h->off_ghost);
+    c->ghost_cursor = base + h->off_ghost + h->nghost * 16;
     c->nghost = h->nghost;
     c->buckets = (ref_t *)(base + h->off_buckets);
     c->nbuckets = h->nbuckets;

@@ -148,6 +148,7 @@ static int page_take(shm_cache *c, sclass *k, uint32_t ki) {
     k->pages++;
     k->free_chunks += k->per_page;
     k->pressure = 0;
+    k->full = 0;
     return 0;
 }
 
@@ -207,11 +208,16 @@ void slab_free_locked(shm_cache *c, sclass *k, item *it) {
  * to the pool, 0 if something on it could not be moved (pinned, being written, or its
  * stripe busy); what could be evicted still was. */
 static int page_evacuate(shm_cache *c, sclass *k, uint64_t idx, int reason) {
+    uint8_t ki = (uint8_t)(k - c->classes);
     uint8_t *base = page_addr(c, idx);
     for (uint32_t i = 0; i < k->per_page; i++) {
+        /* Freeing the page's last entry hands the page to the pool, where another
+         * process may take it at once: from then on its chunks are not ours to read. */
+        if (c->pages[idx].cls != ki) return 1;
         item *it = (item *)(base + (uint64_t)i * k->chunk);
         if ((it->state & IT_STATE_MASK) == IT_LINKED) ev_evict_item(c, k, it, reason);
     }
+    if (c->pages[idx].cls != ki) return 1;
     if (c->pages[idx].nfree != k->per_page) return 0;
     page_release(c, k, idx);
     return 1;
@@ -224,31 +230,82 @@ static uint64_t coldest_page(shm_cache *c, sclass *k) {
     return it ? page_index(c, it) : c->npages;
 }
 
-/* Move memory from the class that evicts least to class k.  Only trylocks. */
-static int steal_page(shm_cache *c, sclass *k) {
-    sclass *best = NULL;
-    for (uint32_t i = 0; i <= c->nslab; i++) {
-        sclass *d = &c->classes[i];
-        if (d == k || d->pages == 0 || (d->pages < 2 && i < c->nslab)) continue;
-        if (d->q[0].count + d->q[1].count == 0 && d->free_chunks == 0) continue;
-        if (!best || d->pressure < best->pressure ||
-            (d->pressure == best->pressure && d->pages > best->pages))
-            best = d;
-    }
-    if (!best || lock_try(c, &best->lock) != 0) return -1;
-    int freed = 0;
-    if (best == &c->classes[c->nslab]) {
-        freed = ev_evict_one(c, best, SHM_REASON_REBALANCE);
-    } else {
-        uint64_t idx = coldest_page(c, best);
-        if (idx < c->npages && c->pages[idx].cls == (uint8_t)(best - c->classes))
-            freed = page_evacuate(c, best, idx, SHM_REASON_REBALANCE);
-    }
-    lock_release(&best->lock);
-    return freed ? 0 : -1;
+/* Take memory from one donor class (locked by the caller): 1 if something was freed. */
+static int donate(shm_cache *c, sclass *d) {
+    if (d == &c->classes[c->nslab]) return ev_evict_one(c, d, SHM_REASON_REBALANCE);
+    uint64_t idx = coldest_page(c, d);
+    if (idx < c->npages && c->pages[idx].cls == (uint8_t)(d - c->classes))
+        return page_evacuate(c, d, idx, SHM_REASON_REBALANCE);
+    return 0;
 }
 
-/* Large values: a run of whole pages, class nslab, lock held. */
+/* Move memory from the classes that evict least to class k, trying donors in that
+ * order (a donor may be busy, or its coldest page pinned).  Only trylocks. */
+static int steal_page(shm_cache *c, sclass *k) {
+    uint8_t tried[SHM_MAX_CLASSES + 1] = {0};
+    for (int attempt = 0; attempt < 4; attempt++) {
+        sclass *best = NULL;
+        for (uint32_t i = 0; i <= c->nslab; i++) {
+            sclass *d = &c->classes[i];
+            if (tried[i] || d == k || d->pages == 0 || (d->pages < 2 && i < c->nslab)) continue;
+            if (d->q[0].count + d->q[1].count == 0 && d->free_chunks == 0) continue;
+            if (!best || d->pressure < best->pressure ||
+                (d->pressure == best->pressure && d->pages > best->pages))
+                best = d;
+        }
+        if (!best) return -1;
+        tried[best - c->classes] = 1;
+        if (lock_try(c, &best->lock) != 0) continue;
+        int freed = donate(c, best);
+        lock_release(&best->lock);
+        if (freed) return 0;
+    }
+    return -1;
+}
+
+/* Free a run of n pages for a large value by evacuating the window of slab pages that
+ * holds the fewest live chunks (windows crossing another large run are skipped). */
+static int make_run(shm_cache *c, uint64_t n) {
+    if (n > c->npages) return 0;
+    uint64_t best = c->npages, best_cost = UINT64_MAX, cost = 0, blocked = 0;
+    for (uint64_t i = 0; i < c->npages; i++) {
+        page *p = &c->pages[i];
+        uint64_t pc = p->cls == PG_FREE ? 0 : p->cls < c->nslab
+                      ? c->classes[p->cls].per_page - p->nfree : UINT32_MAX;
+        if (pc == UINT32_MAX) blocked++;
+        else cost += pc;
+        if (i >= n) {
+            page *o = &c->pages[i - n];
+            uint64_t oc = o->cls == PG_FREE ? 0 : o->cls < c->nslab
+                          ? c->classes[o->cls].per_page - o->nfree : UINT32_MAX;
+            if (oc == UINT32_MAX) blocked--;
+            else cost -= oc;
+        }
+        if (i + 1 >= n && !blocked && cost < best_cost) {
+            best_cost = cost;
+            best = i + 1 - n;
+        }
+    }
+    if (best >= c->npages) return 0;
+    int all = 1;
+    for (uint64_t i = best; i < best + n; i++) {
+        uint8_t pc = c->pages[i].cls;
+        if (pc == PG_FREE) continue;
+        if (pc >= c->nslab) return 0;
+        sclass *d = &c->classes[pc];
+        if (lock_try(c, &d->lock) != 0) {
+            all = 0;
+            continue;
+        }
+        if (c->pages[i].cls == pc) all &= page_evacuate(c, d, i, SHM_REASON_REBALANCE);
+        lock_release(&d->lock);
+    }
+    return all;
+}
+
+/* Large values: a run of whole pages, class nslab, lock held.  The class evicts its
+ * own entries, but after a few evictions without growing (or with nothing of its own
+ * left) it wins pages back from the slab classes, so it can grow with demand. */
 static item *large_alloc(shm_cache *c, sclass *k, uint64_t total, int *err) {
     uint64_t n = (total + c->page_bytes - 1) >> c->page_shift;
     for (uint32_t tries = 0; tries < 1024; tries++) {
@@ -261,20 +318,13 @@ static item *large_alloc(shm_cache *c, sclass *k, uint64_t total, int *err) {
             k->used_bytes += n << c->page_shift;
             return it;
         }
-        if (ev_evict_one(c, k, SHM_REASON_CAPACITY)) continue;
-        /* No large entry left to evict: evacuate slab pages to make a run. */
-        int moved = 0;
-        for (uint32_t i = 0; i < c->nslab && !moved; i++) {
-            sclass *d = &c->classes[i];
-            if (d->pages == 0 || lock_try(c, &d->lock) != 0) continue;
-            uint64_t pidx = coldest_page(c, d);
-            if (pidx < c->npages && c->pages[pidx].cls == i)
-                moved = page_evacuate(c, d, pidx, SHM_REASON_REBALANCE);
-            else if (d->q[0].count + d->q[1].count)
-                moved = ev_evict_one(c, d, SHM_REASON_REBALANCE);
-            lock_release(&d->lock);
+        int own = k->q[0].count + k->q[1].count > 0;
+        if (!own || k->pressure >= 4) {
+            k->pressure = 0;
+            if (make_run(c, n)) continue;
         }
-        if (!moved) break;
+        if (own && ev_evict_one(c, k, SHM_REASON_CAPACITY)) continue;
+        if (!make_run(c, n)) break;
     }
     *err = seg_err(SHM_EFULL, "no run of %llu free pages for a %llu-byte value, even after "
                    "eviction (pinned or in-flight entries may hold the memory)",
@@ -371,6 +421,7 @@ int slab_trim(shm_cache *c) {
             if (c->pages[pi - 1].nfree == k->per_page) page_release(c, k, pi - 1);
             pi = next;
         }
+        k->full = 0;
         lock_release(&k->lock);
     }
     return 0;

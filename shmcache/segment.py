@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -282,10 +283,8 @@ class PinnedValue:
         self.release()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):   # never raise from a finalizer
             self.release()
-        except Exception:  # noqa: BLE001 - never raise from a finalizer
-            pass
 
 
 class Segment:
@@ -307,9 +306,8 @@ class Segment:
         if lib.shm_py_fastseg(handle, ffi.cast("void *", id(_raise_code)),
                               ffi.cast("void *", id(box))) == 0:
             self._fast: Any = box[0]
-            self.get = self._fast.get
-            self.set = self._fast.set
-            self.contains = self._fast.contains
+            vars(self).update(get=self._fast.get, set=self._fast.set,
+                              contains=self._fast.contains)
         else:
             self._fast = None
 
@@ -345,10 +343,8 @@ class Segment:
         finally:
             mem.close_fd()
         if rc < 0:
-            try:
+            with contextlib.suppress(posix_ipc.ExistentialError):
                 posix_ipc.unlink_shared_memory(pname)
-            except posix_ipc.ExistentialError:
-                pass
             _raise(rc)
         return cls(out[0], name)
 
@@ -434,10 +430,8 @@ class Segment:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:  # noqa: BLE001
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self._h is None else "open"
@@ -462,10 +456,7 @@ class Segment:
 
     def get(self, key: str | bytes, default: Any = None) -> Any:
         """Return a copy of the value as ``bytes``, or ``default`` on a miss."""
-        if key.__class__ is str:
-            key = key.encode()  # type: ignore[union-attr]
-        elif key.__class__ is not bytes:
-            key = _key_bytes(key)
+        key = _key_bytes(key)
         tls = self._tls
         try:
             buf = tls.buf
@@ -605,10 +596,7 @@ class Segment:
 
     def _write(self, key: str | bytes, value: Any, ttl: float | None, flags: int, mode: int,
                expect: int) -> int:
-        if key.__class__ is str:
-            k = key.encode()  # type: ignore[union-attr]
-        else:
-            k = _key_bytes(key)
+        k = _key_bytes(key)
         v = value if value.__class__ is bytes else _value_bytes(value)
         if not 0 <= flags <= 0xFFFF:
             raise ValueError("flags must fit in 16 bits")

@@ -1001,6 +1001,38 @@ static void test_eviction_fill(void) {
     }
 }
 
+/* Deterministic: small values with a value larger than two pages every 10th set, in a
+ * segment a tenth of what is written.  Slab classes and page runs compete for pages;
+ * every set must still find room. */
+static void test_eviction_with_large_values(void) {
+    static const uint32_t policies[3] = {SHM_POLICY_LRU, SHM_POLICY_SIEVE, SHM_POLICY_S3FIFO};
+    static char v[150000];
+    for (int p = 0; p < 3; p++) {
+        const char *name;
+        shm_config cfg = cfg_of(4 << 20);
+        cfg.policy = policies[p];
+        shm_cache *c = create_seg(&cfg, &name);
+        uint64_t rng = 88172645463325252ULL;
+        char k[64];
+        for (uint64_t i = 0; i < 8000; i++) {
+            rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+            uint64_t n = i % 10 == 0 ? sizeof v : 100 + rng % 5900;
+            fill_value(v, n, (uint32_t)i);
+            uint32_t kl = key_of(k, "wl", i);
+            int rc = shm_set(c, k, kl, v, n, 0, 0, SHM_SET, 0, NULL);
+            if (rc != SHM_OK)
+                fprintf(stderr, "policy %u: set #%" PRIu64 " of %" PRIu64 " bytes: rc %d\n",
+                        policies[p], i, n, rc);
+            CHECK_EQ(rc, SHM_OK);
+        }
+        verify_ok(c);
+        shm_stats s = stats_of(c);
+        CHECK_EQ(s.total.set_failures, 0);
+        CHECK_EQ(check_all(c, "wl", 8000), s.entries);
+        destroy_seg(c, name);
+    }
+}
+
 static int large_class(shm_cache *c, uint32_t nclasses, shm_class_stats *out) {
     for (uint32_t i = 0; i < nclasses; i++) {
         CHECK_EQ(shm_class_stats_get(c, i, out), SHM_OK);
@@ -1753,6 +1785,7 @@ static const test_case TESTS[] = {
     {"limits", test_limits},
     {"stats", test_stats},
     {"eviction_fill", test_eviction_fill},
+    {"eviction_with_large_values", test_eviction_with_large_values},
     {"mixed_sizes", test_mixed_sizes},
     {"max_entries", test_max_entries},
     {"verify_reads", test_verify_reads},

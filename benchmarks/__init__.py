@@ -1,0 +1,1 @@
+"""shmcache benchmarks: run ``python benchmarks/run.py`` (see README.md)."""
