@@ -123,12 +123,13 @@ static int64_t get_once(shm_cache *c, const char *key, uint32_t klen, uint64_t h
     }
     uint64_t n = it->vlen;
     if (info) fill_info(info, it);
-    if (LIKELY(n <= cap) && count) {
-        if (n) memcpy(buf, item_val(it), n);
+    int hit = count && (n <= cap || !buf);   /* !buf: shm_hit_info, nothing to copy */
+    if (hit) {
+        if (n && buf) memcpy(buf, item_val(it), n);
         ev_hit(c, it);
     }
     lock_release(s);
-    if (LIKELY(n <= cap) && count) CTR(c, hits);
+    if (hit) CTR(c, hits);
     return (int64_t)n;
 }
 
@@ -166,6 +167,11 @@ int64_t shm_get_tls(shm_cache *c, const char *key, uint32_t klen, const char **o
         tls_buf = nb;
         tls_cap = want;
     }
+}
+
+int shm_hit_info(shm_cache *c, const char *key, uint32_t klen, shm_item_info *info) {
+    int64_t n = get_counted(c, key, klen, NULL, 0, info, 1);
+    return n < 0 ? (int)n : 0;
 }
 
 int shm_info(shm_cache *c, const char *key, uint32_t klen, shm_item_info *info) {

@@ -169,8 +169,12 @@ int64_t shm_get(shm_cache *c, const char *key, uint32_t klen, char *buf, uint64_
 /* Like shm_get, but the value is copied into a thread-local buffer owned by the
  * engine; *out points at it until this thread's next shm_get_tls call. */
 int64_t shm_get_tls(shm_cache *c, const char *key, uint32_t klen, const char **out);
-/* Metadata only (no copy); SHM_MISS when absent. */
+/* Metadata only (no copy, counted as neither hit nor miss); SHM_MISS when absent. */
 int  shm_info(shm_cache *c, const char *key, uint32_t klen, shm_item_info *info);
+/* A read served from a caller's own copy of the value (a per-process object cache
+ * validated by version): fills info and counts a hit or a miss like shm_get, without
+ * copying the value. */
+int  shm_hit_info(shm_cache *c, const char *key, uint32_t klen, shm_item_info *info);
 /* Write.  ttl_ms <= 0: no expiry.  expect_version != 0: compare-and-set.
  * *version_out (may be NULL) receives the new version. */
 int  shm_set(shm_cache *c, const char *key, uint32_t klen, const char *val, uint64_t vlen,

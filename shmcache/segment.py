@@ -307,7 +307,7 @@ class Segment:
                               ffi.cast("void *", id(box))) == 0:
             self._fast: Any = box[0]
             vars(self).update(get=self._fast.get, set=self._fast.set,
-                              contains=self._fast.contains)
+                              contains=self._fast.contains, hit_version=self._fast.version)
         else:
             self._fast = None
 
@@ -517,6 +517,20 @@ class Segment:
         """The entry's version (bumped by every write), or ``None`` if absent."""
         i = self.info(key)
         return None if i is None else i.version
+
+    def hit_version(self, key: str | bytes) -> tuple[int, int] | None:
+        """``(version, flags)`` of the entry, counted as a hit (or a miss) like
+        :meth:`get` but without copying the value: for callers that keep their own
+        deserialized copy and only need to know it is still current.  ``None`` on a
+        miss."""
+        k = _key_bytes(key)
+        ci = ffi.new("shm_item_info *")
+        rc = lib.shm_hit_info(self._handle(), k, len(k), ci)
+        if rc == -1:
+            return None
+        if rc < 0:
+            _raise(rc)
+        return int(ci.version), int(ci.flags)
 
     def pin(self, key: str | bytes) -> PinnedValue | None:
         """Zero-copy read: a :class:`PinnedValue` whose ``.view`` stays valid until

@@ -687,3 +687,22 @@ def test_segment_survives_last_close_until_unlinked(segname: str) -> None:
     b = Segment.attach(segname)
     assert b.get("k") == b"persist"
     b.close()
+
+
+def test_hit_version_counts_a_hit_without_copying(seg: Segment) -> None:
+    v1 = seg.set("hv", b"x" * 1000, flags=7)
+    before = seg.stats().counters
+    assert seg.hit_version("hv") == (v1, 7)
+    assert seg.hit_version(b"absent") is None
+    after = seg.stats().counters
+    assert after["hits"] - before["hits"] == 1
+    assert after["misses"] - before["misses"] == 1
+    v2 = seg.set("hv", b"y")
+    assert seg.hit_version("hv") == (v2, 0) and v2 > v1
+    # the reference (cffi) path agrees with the direct-call one
+    assert Segment.hit_version(seg, "hv") == (v2, 0)
+    assert Segment.hit_version(seg, "absent") is None
+    seg.set_clock(seg.now() + 10)
+    seg.set("ttl", b"1", ttl=1)
+    seg.set_clock(seg.now() + 5)
+    assert seg.hit_version("ttl") is None  # expired counts as a miss

@@ -220,6 +220,21 @@ static PyObject *fp_set_key(FastSeg *self, const char *k, Py_ssize_t kl, PyObjec
     return PyLong_FromUnsignedLongLong(ver);
 }
 
+/* version(key) -> (version, flags) or None: a hit served from a per-process copy of the
+ * value (counted, recorded for eviction), validated by the entry's version. */
+static PyObject *fp_version(FastSeg *self, PyObject *key) {
+    const char *k;
+    Py_ssize_t kl;
+    PyObject *tmp;
+    if (!fp_open(self) || fp_key(self, key, &k, &kl, &tmp) < 0) return NULL;
+    shm_item_info info;
+    int r = shm_hit_info(self->c, k, (uint32_t)(kl > 0xffffffffLL ? 0xffffffff : kl), &info);
+    Py_XDECREF(tmp);
+    if (r == SHM_MISS) Py_RETURN_NONE;
+    if (r < 0) return fp_engine_error(self, r);
+    return Py_BuildValue("(KI)", (unsigned long long)info.version, (unsigned)info.flags);
+}
+
 static PyObject *fp_detach(FastSeg *self, PyObject *unused) {
     (void)unused;
     self->c = NULL;
@@ -239,6 +254,9 @@ static PyMethodDef fp_methods[] = {
      "returns the new version."},
     {"contains", (PyCFunction)fp_contains, METH_O,
      "contains(key) -> bool: present and not expired."},
+    {"version", (PyCFunction)fp_version, METH_O,
+     "version(key) -> (version, flags) | None: count a hit served from a caller's own "
+     "copy of the value, without copying it."},
     {"detach", (PyCFunction)fp_detach, METH_NOARGS,
      "Forget the engine handle (called by Segment.close before it is freed)."},
     {NULL, NULL, 0, NULL}};
