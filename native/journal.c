@@ -66,7 +66,10 @@ void jr_append(shm_cache *c, uint32_t op, const char *key, uint32_t klen, uint64
         return;
     }
     int r = lock_acquire(c, &j->lock, "journal");
-    if (r < 0) return;           /* cannot log: the record is lost, and counted */
+    if (r < 0) {                 /* cannot log: the record is lost, and counted */
+        ADD_RLX(&j->dropped, 1);
+        return;
+    }
     if (r == LOCK_REPAIR) jr_check(c, NULL, NULL);
     uint64_t off = j->head % c->jcap, skip = c->jcap - off < need ? c->jcap - off : 0;
     while (j->records && j->head + skip + need - j->tail > c->jcap) drop_oldest(c, j);
