@@ -47,14 +47,14 @@ static void drop_oldest(shm_cache *c, journal *j) {
     uint64_t pos = j->tail;
     shm_journal_record *r = rec_at(c, &pos);
     if (!r) {                    /* damaged: forget everything */
-        j->dropped += j->records;
+        ADD_RLX(&j->dropped, j->records);
         j->records = 0;
         j->tail = j->head;
         return;
     }
     j->tail = pos + rec_bytes(r->key_len);
     j->records--;
-    j->dropped++;
+    ADD_RLX(&j->dropped, 1);
 }
 
 void jr_append(shm_cache *c, uint32_t op, const char *key, uint32_t klen, uint64_t version,
@@ -130,7 +130,7 @@ int jr_check(shm_cache *c, char **report, uint64_t *cap) {
     if (!bad) return 0;
     if (!report) {
         j->cap = c->jcap;
-        j->dropped += j->records;
+        ADD_RLX(&j->dropped, j->records);
         j->records = 0;
         j->tail = j->head = 0;
         return 1;
