@@ -33,7 +33,7 @@ int lock_init(shm_lock *l, uint32_t id) {
  * mutex's kind field and asserts (aborting the interpreter) on some garbage values, so
  * before every use we compare it with the kind our own initialisation produces. */
 #ifdef __GLIBC__
-static int expected_kind;
+static int expected_kind;   /* nonzero once probed: robust+pshared set bits */
 static pthread_once_t kind_once = PTHREAD_ONCE_INIT;
 static void kind_probe(void) {
     pthread_mutex_t m;
@@ -43,7 +43,7 @@ static void kind_probe(void) {
     }
 }
 int lock_damaged(shm_lock *l) {
-    pthread_once(&kind_once, kind_probe);
+    if (UNLIKELY(!expected_kind)) pthread_once(&kind_once, kind_probe);
     return LOAD_RLX(&l->m.__data.__kind) != expected_kind;
 }
 #else

@@ -28,7 +28,9 @@ typedef struct {
     shm_cache *c;
     PyObject *raise;    /* raise(code, message) -> raises the mapped exception */
     Py_ssize_t guess;   /* length of the last large value returned by get()       */
-} FastSeg;
+    char *buf;          /* copy-out buffer for small values: these calls hold the GIL */
+    uint64_t cap;       /* from start to end and call no Python, so no other thread   */
+} FastSeg;              /* can use it meanwhile (cheaper than thread-local storage)   */
 
 /* Values at least this long are copied straight into a bytes object allocated (before
  * the engine takes any lock) at the length last seen; shorter ones go through the
@@ -109,11 +111,17 @@ static PyObject *fp_get_key(FastSeg *self, const char *k, Py_ssize_t kl, PyObjec
         if (n < 0) goto done;
         self->guess = (Py_ssize_t)n;   /* larger than guessed: nothing copied, retry */
     }
-    const char *v;
-    n = shm_get_tls(self->c, k, klen, &v);
+    for (;;) {
+        n = shm_get(self->c, k, klen, self->buf, self->cap, NULL);
+        if (n < 0 || (uint64_t)n <= self->cap) break;
+        char *nb = PyMem_RawRealloc(self->buf, (size_t)n);   /* no lock is held here */
+        if (!nb) return PyErr_NoMemory();
+        self->buf = nb;
+        self->cap = (uint64_t)n;
+    }
     if (n >= 0) {
         if (n >= FP_DIRECT_MIN) self->guess = (Py_ssize_t)n;
-        return PyBytes_FromStringAndSize(v, (Py_ssize_t)n);
+        return PyBytes_FromStringAndSize(self->buf, (Py_ssize_t)n);
     }
 done:
     if (n == SHM_MISS) {
@@ -243,6 +251,7 @@ static PyObject *fp_detach(FastSeg *self, PyObject *unused) {
 
 static void fp_dealloc(FastSeg *self) {
     Py_XDECREF(self->raise);
+    PyMem_RawFree(self->buf);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -280,6 +289,9 @@ int shm_py_fastseg(shm_cache *c, void *raise_fn, void *out_list) {
         if (f) {
             f->c = c;
             f->guess = 0;
+            f->cap = FP_DIRECT_MIN;
+            f->buf = PyMem_RawMalloc(FP_DIRECT_MIN);
+            if (!f->buf) f->cap = 0;
             f->raise = (PyObject *)raise_fn;
             Py_INCREF(f->raise);
             rc = PyList_Append((PyObject *)out_list, (PyObject *)f);
