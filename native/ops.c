@@ -92,21 +92,31 @@ static int drop_damaged(shm_cache *c, ref_t *link, item *it) {
     return drop_entry(c, link, it, &c->ctr->corrupt_dropped);
 }
 
+/* Take the key's stripe lock and find its entry.  0: found, the stripe is held (*sp,
+ * *linkp, *itp set); SHM_MISS: absent, released; < 0: error or SHM_EREPAIR, released. */
+static int lookup_locked(shm_cache *c, const char *key, uint32_t klen, uint64_t h,
+                         shm_lock **sp, ref_t **linkp, item **itp) {
+    shm_lock *s = *sp = &c->stripes[stripe_of(c, h)];
+    int r = stripe_lock(c, s);
+    if (UNLIKELY(r < 0)) return r;
+    int err = 0;
+    *itp = idx_find(c, h, key, klen, linkp, &err);
+    if (*itp) return 0;
+    lock_release(s);
+    return err ? err : SHM_MISS;
+}
+
 /* ---- reads ---- */
 
 static int64_t get_once(shm_cache *c, const char *key, uint32_t klen, uint64_t h, char *buf,
                         uint64_t cap, shm_item_info *info, int count) {
-    shm_lock *s = &c->stripes[stripe_of(c, h)];
-    int r = stripe_lock(c, s);
-    if (UNLIKELY(r < 0)) return r;
-    int err = 0;
+    shm_lock *s;
     ref_t *link;
-    item *it = idx_find(c, h, key, klen, &link, &err);
-    if (!it) {
-        lock_release(s);
-        if (err) return err;
-        if (count) CTR(c, misses);
-        return SHM_MISS;
+    item *it;
+    int r = lookup_locked(c, key, klen, h, &s, &link, &it);
+    if (r < 0) {
+        if (r == SHM_MISS && count) CTR(c, misses);
+        return r;
     }
     if (it->expire_ms && expired(it, seg_now(c))) {
         r = drop_expired(c, link, it, SHM_REASON_EXPIRED_READ);
@@ -180,15 +190,14 @@ int shm_info(shm_cache *c, const char *key, uint32_t klen, shm_item_info *info) 
 }
 
 static int contains_once(shm_cache *c, const char *key, uint32_t klen, uint64_t h) {
-    shm_lock *s = &c->stripes[stripe_of(c, h)];
-    int r = stripe_lock(c, s);
-    if (r < 0) return r;
-    int err = 0;
+    shm_lock *s;
     ref_t *link;
-    item *it = idx_find(c, h, key, klen, &link, &err);
-    int live = it && !expired(it, it->expire_ms ? seg_now(c) : 0);
+    item *it;
+    int r = lookup_locked(c, key, klen, h, &s, &link, &it);
+    if (r < 0) return r == SHM_MISS ? 0 : r;
+    int live = !expired(it, it->expire_ms ? seg_now(c) : 0);
     lock_release(s);
-    return err ? err : live;
+    return live;
 }
 
 int shm_contains(shm_cache *c, const char *key, uint32_t klen) {
@@ -339,16 +348,11 @@ int shm_set(shm_cache *c, const char *key, uint32_t klen, const char *val, uint6
 
 static int delete_once(shm_cache *c, const char *key, uint32_t klen, uint64_t h,
                        uint64_t expect) {
-    shm_lock *s = &c->stripes[stripe_of(c, h)];
-    int r = stripe_lock(c, s);
-    if (r < 0) return r;
-    int err = 0;
+    shm_lock *s;
     ref_t *link;
-    item *it = idx_find(c, h, key, klen, &link, &err);
-    if (!it) {
-        lock_release(s);
-        return err ? err : SHM_MISS;
-    }
+    item *it;
+    int r = lookup_locked(c, key, klen, h, &s, &link, &it);
+    if (r < 0) return r;
     int live = !expired(it, it->expire_ms ? seg_now(c) : 0);
     if (expect && (!live || it->version != expect)) {
         lock_release(s);
@@ -389,16 +393,11 @@ int shm_delete(shm_cache *c, const char *key, uint32_t klen, uint64_t expect_ver
 
 static int touch_once(shm_cache *c, const char *key, uint32_t klen, uint64_t h,
                       int64_t ttl_ms, uint64_t *ver, int64_t *exp) {
-    shm_lock *s = &c->stripes[stripe_of(c, h)];
-    int r = stripe_lock(c, s);
-    if (r < 0) return r;
-    int err = 0;
+    shm_lock *s;
     ref_t *link;
-    item *it = idx_find(c, h, key, klen, &link, &err);
-    if (!it) {
-        lock_release(s);
-        return err ? err : SHM_MISS;
-    }
+    item *it;
+    int r = lookup_locked(c, key, klen, h, &s, &link, &it);
+    if (r < 0) return r;
     int64_t now = seg_now(c);
     if (expired(it, now)) {
         r = drop_expired(c, link, it, SHM_REASON_EXPIRED_READ);
@@ -467,23 +466,15 @@ static uint32_t format_i64(int64_t v, char *buf) {
 static int incr_once(shm_cache *c, const char *key, uint32_t klen, uint64_t h, int64_t delta,
                      int64_t *result, char *txt, uint32_t *tlen, uint64_t *old_ver,
                      int64_t *old_exp, uint32_t *old_flags, uint64_t *ver) {
-    shm_lock *s = &c->stripes[stripe_of(c, h)];
-    int r = stripe_lock(c, s);
-    if (r < 0) return r;
-    int err = 0;
+    shm_lock *s;
     ref_t *link;
-    item *it = idx_find(c, h, key, klen, &link, &err);
-    if (it && it->expire_ms && expired(it, seg_now(c))) {
+    item *it;
+    int r = lookup_locked(c, key, klen, h, &s, &link, &it);
+    if (r < 0) return r == SHM_MISS ? INCR_CREATE : r;
+    if (it->expire_ms && expired(it, seg_now(c))) {
         r = drop_expired(c, link, it, SHM_REASON_EXPIRED_READ);
-        if (r < 0) {
-            lock_release(s);
-            return r;
-        }
-        it = NULL;
-    }
-    if (!it) {
         lock_release(s);
-        return err ? err : INCR_CREATE;
+        return r < 0 ? r : INCR_CREATE;
     }
     int64_t cur, nv;
     if (parse_i64(item_val(it), it->vlen, &cur) < 0) {
@@ -685,22 +676,16 @@ int shm_keys(shm_cache *c, uint64_t *cursor, char *buf, uint64_t cap) {
 static int pin_once(shm_cache *c, const char *key, uint32_t klen, uint64_t h,
                     const char **ptr, uint64_t *vlen, shm_item_info *info, uint32_t *pin_id) {
     slot *sl = &c->slots[c->slot_id];
-    shm_lock *s = &c->stripes[stripe_of(c, h)];
-    int r = stripe_lock(c, s);
-    if (r < 0) return r;
-    int err = 0;
+    shm_lock *s;
     ref_t *link;
-    item *it = idx_find(c, h, key, klen, &link, &err);
-    if (it && it->expire_ms && expired(it, seg_now(c))) {
+    item *it;
+    int r = lookup_locked(c, key, klen, h, &s, &link, &it);
+    if (r == SHM_MISS) CTR(c, misses);
+    if (r < 0) return r;
+    if (it->expire_ms && expired(it, seg_now(c))) {
         r = drop_expired(c, link, it, SHM_REASON_EXPIRED_READ);
         lock_release(s);
         if (r < 0) return r;
-        CTR(c, misses);
-        return SHM_MISS;
-    }
-    if (!it) {
-        lock_release(s);
-        if (err) return err;
         CTR(c, misses);
         return SHM_MISS;
     }
