@@ -30,7 +30,6 @@ from .common import (
     Table,
     best_of,
     fmt_num,
-    fmt_ratio,
     make_keys,
     make_value,
     ratio,
@@ -276,19 +275,26 @@ def run(quick: bool = False) -> dict[str, Any]:
     warp = results.get("warp-cache shared", {})
     dct = results.get("dict", {})
     r = Table("Single process, shmcache ratios and TARGETS goals",
-              ["metric", "shmcache / warp shared", "shmcache / dict", "goal", "status"])
+              ["metric", "shmcache / warp shared", "goal", "status", "shmcache / dict",
+               "goal", "status"])
     verdicts: dict[str, Any] = {}
+
+    def r3(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}x"
+
     for c, label in zip(cols, ("100 B hit", "100 B set", "4 KB hit", "4 KB set"),
                         strict=True):
         rw, rd = ratio(shm.get(c), warp.get(c)), ratio(shm.get(c), dct.get(c))
-        if c.startswith("hit"):
-            ok = None if rw is None or rd is None else (rw <= 0.8 and rd <= 1.5)
-            goal = "<= 0.8x warp and <= 1.5x dict"
-        else:
-            ok = None if rw is None else rw <= 1.0
-            goal = "<= 1.0x warp"
-        verdicts[c] = {"vs_warp": rw, "vs_dict": rd, "met": ok}
-        r.add(label, fmt_ratio(rw), fmt_ratio(rd), goal, verdict(ok))
+        hit = c.startswith("hit")
+        gw = 0.8 if hit else 1.0
+        ok_w = None if rw is None else rw <= gw
+        ok_d = None if rd is None or not hit else rd <= 1.5
+        verdicts[c] = {"vs_warp": rw, "vs_warp_met": ok_w, "vs_dict": rd,
+                       "vs_dict_met": ok_d}
+        r.add(label, r3(rw), f"<= {gw}x", verdict(ok_w), r3(rd),
+              "<= 1.5x" if hit else "-", verdict(ok_d) if hit else "-")
+    r.notes.append("dict = the shuffled-order 'dict' row; the TARGETS dict floor (391 / 448 "
+                   "ns) was measured elsewhere and is not used here")
     r.print()
     return {"ns_per_op": results, "ratios": verdicts, "skipped": skipped,
             "repeats": {"fast": rep_fast, "slow": rep_slow},
