@@ -38,3 +38,17 @@ __all__ = [
     "NoSlotError", "NotAnIntegerError", "CounterOverflowError", "VersionMismatchError",
     "KeyExistsError", "SegmentClosedError",
 ]
+
+# The Python cache API (cache.py and its modules).
+from .cache import MISSING, BoundCachedFunction, Cache, CachedCallError, CachedFunction, WarmReport
+from .config import CacheConfig, CacheLevel, TierNotAvailableError, default_segment_name
+from .keys import UnkeyableArgumentError
+from .serializers import Serializer, register_serializer
+from .stats import CacheStatistics, FunctionStats, LevelStats
+
+__all__ += [
+    "Cache", "CacheConfig", "CacheLevel", "CachedFunction", "BoundCachedFunction",
+    "WarmReport", "MISSING", "CachedCallError", "TierNotAvailableError",
+    "default_segment_name", "UnkeyableArgumentError", "Serializer", "register_serializer",
+    "CacheStatistics", "FunctionStats", "LevelStats",
+]

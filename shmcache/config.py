@@ -1,0 +1,200 @@
+"""Configuration of a :class:`~shmcache.cache.Cache`: levels, segment, serialization.
+
+``CacheConfig`` is a plain frozen dataclass; ``CacheConfig.from_env()`` reads the same
+fields from ``SHMCACHE_*`` environment variables, which is what ``Cache()`` without an
+argument does.  The levels beyond the shared-memory L1 (``REDIS``, ``DISK``,
+``DISTRIBUTED``) belong to the Redis/disk tiers issue: their fields are accepted here so
+configurations written for them keep their shape, but a ``Cache`` refuses to start
+with them (:class:`TierNotAvailableError`) rather than silently running without the
+tier the operator asked for.
+
+Example::
+
+    >>> cfg = CacheConfig(name="demo", c_memory_size_mb=16)
+    >>> cfg.segment_name, cfg.size_bytes
+    ('demo', 16777216)
+    >>> CacheConfig.from_env({"SHMCACHE_NAME": "x", "SHMCACHE_SIZE_MB": "8"}).size_bytes
+    8388608
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Final
+
+from .errors import ShmCacheError
+
+__all__ = ["CacheLevel", "CacheConfig", "TierNotAvailableError", "default_segment_name"]
+
+
+class CacheLevel(enum.Enum):
+    """A tier of the cache.  Only ``C_MEMORY`` (the shared-memory segment) exists yet."""
+
+    C_MEMORY = "c_memory"
+    REDIS = "redis"
+    DISK = "disk"
+    DISTRIBUTED = "distributed"
+
+
+class TierNotAvailableError(ShmCacheError, NotImplementedError):
+    """A configured cache level is not implemented yet (the Redis/disk tiers issue)."""
+
+
+def default_segment_name(app: str | None = None) -> str:
+    """``shmcache-<app>-<uid>``: one segment per application and user.
+
+    ``app`` defaults to ``$SHMCACHE_APP``, else the basename of ``sys.argv[0]`` (the
+    same in every worker of one server, and in processes it spawns).
+    """
+    app = app or os.environ.get("SHMCACHE_APP") or \
+        os.path.splitext(os.path.basename(sys.argv[0] or ""))[0] or "python"
+    app = re.sub(r"[^A-Za-z0-9_.-]", "_", app)[:64]
+    return f"shmcache-{app}-{os.getuid()}"
+
+
+_TRUE: Final = {"1", "true", "yes", "on"}
+_FALSE: Final = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Everything a :class:`~shmcache.cache.Cache` needs.  Every field has a default.
+
+    Segment: ``name`` (``None``: :func:`default_segment_name`), ``c_memory_size_mb``,
+    ``policy``, ``max_key_len``, ``on_incompatible`` (``"recreate"``: a segment of an
+    older layout is replaced by a fresh one -- it is a cache).
+
+    Values: ``serializer`` (``"pickle"``, ``"msgpack"``, ``"json"``, ``"raw"`` or a
+    :class:`~shmcache.serializers.Serializer`), ``compression`` (``True``: lz4 when
+    installed, else zlib; or ``"lz4"``/``"zlib"``; ``False``: never) applied to
+    payloads of at least ``compression_threshold`` bytes, ``default_ttl`` seconds
+    (``None``: no expiry).
+
+    L0: ``object_cache`` keeps deserialized objects per process and returns them while
+    the entry's version in the segment is unchanged; ``object_cache_size`` bounds it.
+
+    Stampede: ``lease_ttl`` (the lease a computing process holds, renewed never: a
+    computation longer than this lets a second process start), ``wait_timeout`` (how
+    long a waiter polls before computing itself), ``poll_min``/``poll_max`` (backoff).
+
+    Later tiers: ``levels``, ``redis_url``, ``redis_cluster_nodes``, ``disk_path``.
+    """
+
+    name: str | None = None
+    c_memory_size_mb: int = 64
+    levels: Sequence[CacheLevel] = (CacheLevel.C_MEMORY,)
+    policy: str = "s3fifo"
+    max_key_len: int = 250
+    on_incompatible: str = "recreate"
+    serializer: Any = "pickle"
+    compression: bool | str = True
+    compression_threshold: int = 4096
+    default_ttl: float | None = None
+    object_cache: bool = True
+    object_cache_size: int = 10_000
+    lease_ttl: float = 30.0
+    wait_timeout: float = 10.0
+    poll_min: float = 0.0005
+    poll_max: float = 0.05
+    stats_window: float = 60.0
+    redis_url: str | None = None
+    redis_cluster_nodes: Sequence[str] = field(default_factory=tuple)
+    disk_path: str | None = None
+
+    def __post_init__(self) -> None:
+        levels = tuple(CacheLevel(lv) if not isinstance(lv, CacheLevel) else lv
+                       for lv in self.levels)
+        object.__setattr__(self, "levels", levels)
+        if self.c_memory_size_mb <= 0:
+            raise ValueError("c_memory_size_mb must be > 0")
+        if self.compression_threshold < 0:
+            raise ValueError("compression_threshold must be >= 0")
+        if self.default_ttl is not None and self.default_ttl <= 0:
+            raise ValueError("default_ttl must be > 0 seconds or None")
+        if self.lease_ttl <= 0 or self.wait_timeout < 0:
+            raise ValueError("lease_ttl must be > 0 and wait_timeout >= 0")
+        if not 0 < self.poll_min <= self.poll_max:
+            raise ValueError("need 0 < poll_min <= poll_max")
+        if self.on_incompatible not in ("raise", "recreate"):
+            raise ValueError("on_incompatible must be 'raise' or 'recreate'")
+
+    @property
+    def segment_name(self) -> str:
+        """The POSIX shared-memory name the cache attaches."""
+        return self.name or default_segment_name()
+
+    @property
+    def size_bytes(self) -> int:
+        """``c_memory_size_mb`` in bytes."""
+        return self.c_memory_size_mb << 20
+
+    def unsupported_levels(self) -> list[CacheLevel]:
+        """The configured levels this version cannot serve yet."""
+        return [lv for lv in self.levels if lv is not CacheLevel.C_MEMORY]
+
+    def check_levels(self) -> None:
+        """Raise :class:`TierNotAvailableError` unless only ``C_MEMORY`` is asked for."""
+        missing = self.unsupported_levels()
+        if missing:
+            names = ", ".join(lv.name for lv in missing)
+            raise TierNotAvailableError(
+                f"cache level(s) {names} are not implemented yet: the Redis and disk "
+                f"tiers (L2/L3) and cross-host invalidation come with the 'Redis/disk "
+                f"tiers' issue; use levels=[CacheLevel.C_MEMORY] for now")
+        if CacheLevel.C_MEMORY not in self.levels:
+            raise ValueError("levels must include CacheLevel.C_MEMORY")
+
+    def with_(self, **changes: Any) -> CacheConfig:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any,
+                 ) -> CacheConfig:
+        """Read ``SHMCACHE_<FIELD>`` variables (e.g. ``SHMCACHE_NAME``,
+        ``SHMCACHE_SIZE_MB``, ``SHMCACHE_SERIALIZER``, ``SHMCACHE_COMPRESSION``,
+        ``SHMCACHE_DEFAULT_TTL``, ``SHMCACHE_OBJECT_CACHE``, ``SHMCACHE_LEVELS`` as a
+        comma list, ``SHMCACHE_REDIS_URL``); ``overrides`` win over the environment."""
+        env = os.environ if environ is None else environ
+        kw: dict[str, Any] = {}
+        aliases = {"size_mb": "c_memory_size_mb"}
+        types = {f.name: f.type for f in fields(cls)}
+        for var, raw in env.items():
+            if not var.startswith("SHMCACHE_") or var == "SHMCACHE_APP":
+                continue
+            fname = var[len("SHMCACHE_"):].lower()
+            fname = aliases.get(fname, fname)
+            if fname not in types:
+                continue
+            kw[fname] = _parse(var, fname, str(types[fname]), raw)
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def _parse(var: str, fname: str, ftype: str, raw: str) -> Any:
+    raw = raw.strip()
+    try:
+        if fname == "levels":
+            return tuple(CacheLevel(x.strip().lower()) for x in raw.split(",") if x.strip())
+        if fname == "redis_cluster_nodes":
+            return tuple(x.strip() for x in raw.split(",") if x.strip())
+        if fname == "compression":
+            low = raw.lower()
+            return True if low in _TRUE else False if low in _FALSE else low
+        if ftype.startswith("bool"):
+            if raw.lower() not in _TRUE | _FALSE:
+                raise ValueError(raw)
+            return raw.lower() in _TRUE
+        if ftype.startswith("int"):
+            return int(raw)
+        if ftype.startswith("float"):
+            return None if raw.lower() in ("", "none") else float(raw)
+        return raw or None
+    except ValueError as e:
+        raise ValueError(f"environment variable {var}={raw!r}: "
+                         f"not a valid {ftype}") from e

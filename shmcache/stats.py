@@ -1,0 +1,131 @@
+"""Statistics of a :class:`~shmcache.cache.Cache`: per-process counters and the typed
+snapshot ``get_statistics()`` returns.
+
+Counters are plain integer attributes bumped without a lock (a ``+= 1`` under the GIL
+can lose an update when two threads race; for statistics that is acceptable and keeps
+a cache hit cheap).  Operation counts are per process; memory, entries and evictions
+come from the segment and so cover every process.  ``ops_per_second`` is measured
+between ``get_statistics()`` calls: the rate since the oldest sample still inside the
+window (``stats_window`` seconds), or since the cache was opened.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+__all__ = ["FunctionStats", "LevelStats", "CacheStatistics", "Counters"]
+
+
+class Counters:
+    """Mutable per-process counters (one per ``Cache`` and one per decorated function)."""
+
+    __slots__ = ("l0_hits", "l1_hits", "misses", "sets", "deletes", "computes",
+                 "compute_seconds", "waits", "stale_serves", "lease_breaks",
+                 "wait_timeouts", "errors", "negative_hits")
+
+    def __init__(self) -> None:
+        self.l0_hits = 0
+        self.l1_hits = 0
+        self.misses = 0
+        self.sets = 0
+        self.deletes = 0
+        self.computes = 0
+        self.compute_seconds = 0.0
+        self.waits = 0
+        self.stale_serves = 0
+        self.lease_breaks = 0
+        self.wait_timeouts = 0
+        self.errors = 0
+        self.negative_hits = 0
+
+    @property
+    def ops(self) -> int:
+        return self.l0_hits + self.l1_hits + self.misses + self.sets + self.deletes
+
+
+@dataclass(frozen=True, slots=True)
+class LevelStats:
+    """Hits and misses of one level (``"L0"`` object cache, ``"C_MEMORY"`` segment)."""
+
+    hits: int
+    misses: int
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionStats:
+    """Figures of one decorated function in this process."""
+
+    name: str
+    hits: int
+    misses: int
+    computes: int
+    compute_seconds: float
+    waits: int
+    stale_serves: int
+    errors: int
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses else 0.0
+
+    @property
+    def avg_compute_ms(self) -> float:
+        return 1000.0 * self.compute_seconds / self.computes if self.computes else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStatistics:
+    """A snapshot: ``hit_ratio``, per-level hits/misses, memory, entries, evictions,
+    ``ops_per_second``, per-function figures, stampede waits and stale serves.
+
+    ``hits``/``misses``/``levels``/``functions`` count this process's calls;
+    ``memory_usage_mb``, ``entries``, ``evictions`` and ``segment_hit_ratio`` describe
+    the shared segment (all processes).
+    """
+
+    hits: int
+    misses: int
+    hit_ratio: float
+    levels: dict[str, LevelStats]
+    sets: int
+    deletes: int
+    memory_usage_mb: float
+    memory_limit_mb: float
+    entries: int
+    evictions: int
+    expirations: int
+    segment_hit_ratio: float
+    ops_per_second: float
+    stampede_waits: int
+    stale_serves: int
+    lease_breaks: int
+    wait_timeouts: int
+    functions: dict[str, FunctionStats] = field(default_factory=dict)
+
+
+class RateWindow:
+    """Samples of (time, total ops) for ``ops_per_second`` over a recent window."""
+
+    def __init__(self, window: float, start_ops: int = 0) -> None:
+        self.window = window
+        self._lock = threading.Lock()
+        self._samples: deque[tuple[float, int]] = deque([(time.monotonic(), start_ops)])
+
+    def rate(self, total_ops: int) -> float:
+        now = time.monotonic()
+        with self._lock:
+            s = self._samples
+            # Keep the newest sample older than the window as the base, drop the rest.
+            while len(s) > 1 and now - s[1][0] >= self.window:
+                s.popleft()
+            t0, n0 = s[0]
+            s.append((now, total_ops))
+        dt = now - t0
+        return (total_ops - n0) / dt if dt > 0 else 0.0

@@ -1,0 +1,306 @@
+"""The key/value API of ``Cache``: semantics, serializers, config, invalidation,
+statistics and warming (in one process; cross-process cases are in
+test_cache_multiprocess.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from shmcache import (
+    MISSING,
+    Cache,
+    CacheConfig,
+    CacheLevel,
+    CacheStatistics,
+    Segment,
+    TierNotAvailableError,
+    register_serializer,
+)
+from shmcache.config import default_segment_name
+from shmcache.serializers import COMP_MASK, COMP_SHIFT, F_ENVELOPE, SER_MASK
+
+
+@pytest.fixture
+def cache(segname: str) -> Iterator[Cache]:
+    c = Cache(CacheConfig(name=segname, c_memory_size_mb=8))
+    yield c
+    c.close()
+
+
+def test_get_set_distinguishes_miss_from_cached_none(cache: Cache) -> None:
+    assert cache.get("k") is None
+    assert cache.get("k", MISSING) is MISSING
+    cache.set("k", None)
+    assert cache.get("k", MISSING) is None
+    assert cache.get("k", "dflt") is None
+    assert "k" in cache and "other" not in cache
+
+
+def test_add_delete_touch_incr_many_clear(cache: Cache) -> None:
+    assert cache.add("a", 1) is True
+    assert cache.add("a", 2) is False
+    assert cache.get("a") == 1
+    assert cache.touch("a", 60) is True
+    assert cache.touch("nope", 60) is False
+    assert cache.delete("a") is True
+    assert cache.delete("a") is False
+    assert cache.incr("n") == 1 and cache.incr("n", 4) == 5 and cache.incr("n", 0) == 5
+    cache.set_many({"x": [1], "y": (2,)}, ttl=30)
+    cache.set_many([("z", b"raw")])
+    assert cache.get_many(["x", "y", "z", "w"]) == {"x": [1], "y": (2,), "z": b"raw"}
+    cache.clear()
+    assert cache.get_many(["x", "y", "z"]) == {}
+
+
+def test_async_twins_share_entries_with_sync(cache: Cache) -> None:
+    async def main() -> list[Any]:
+        await cache.aset("k", {"a": 1}, 60)
+        out = [cache.get("k"), await cache.aget("k"), await cache.aadd("k", 2)]
+        cache.set("s", "sync")
+        out += [await cache.aget("s"), await cache.aincr("c", 3), await cache.atouch("s", 9)]
+        await cache.aset_many({"m": 1})
+        out += [await cache.aget_many(["m", "none"]), await cache.adelete("m")]
+        await cache.aclear()
+        out.append(await cache.aget("k", MISSING))
+        return out
+
+    assert asyncio.run(main()) == [{"a": 1}, {"a": 1}, False, "sync", 3, True, {"m": 1},
+                                   True, MISSING]
+
+
+def test_ttl_expiry_is_a_miss(cache: Cache) -> None:
+    cache.set("short", "v", ttl=0.05)
+    assert cache.get("short") == "v"
+    cache.segment.set_clock(time.time() + 1)  # the engine's test clock, not a sleep
+    try:
+        assert cache.get("short", MISSING) is MISSING
+    finally:
+        cache.segment.set_clock(None)
+
+
+@pytest.mark.parametrize("ser,value", [("pickle", {"t": (1, 2)}), ("json", {"t": [1, 2]}),
+                                       ("msgpack", {"t": [1, 2]}), ("raw", b"\x00bytes")])
+def test_serializer_is_recorded_in_flags(cache: Cache, ser: str, value: Any) -> None:
+    ids = {"raw": 0, "pickle": 1, "json": 2, "msgpack": 3}
+    cache.set("k", value, serializer=ser)
+    info = cache.segment.info("k")
+    assert info is not None
+    assert info.flags & SER_MASK == ids[ser]
+    cache._l0.clear()  # force a decode from the segment
+    assert cache.get("k") == value
+
+
+def test_raw_engine_values_read_back_as_bytes(cache: Cache) -> None:
+    cache.segment.set("plain", b"hello")
+    assert cache.get("plain") == b"hello"
+
+
+def test_custom_serializer(segname: str) -> None:
+    class Upper:
+        id, name = 12, "upper-test"
+
+        def dumps(self, obj: Any) -> bytes:
+            return str(obj).upper().encode()
+
+        def loads(self, data: bytes) -> Any:
+            return bytes(data).decode()
+
+    register_serializer(Upper())
+    with Cache(CacheConfig(name=segname, c_memory_size_mb=8, serializer="upper-test",
+                           object_cache=False)) as c:
+        c.set("k", "shout")
+        assert c.get("k") == "SHOUT"
+
+
+def test_compression_above_threshold_only(segname: str) -> None:
+    cfg = CacheConfig(name=segname, c_memory_size_mb=8, compression="lz4",
+                      compression_threshold=1000, object_cache=False)
+    with Cache(cfg) as c:
+        c.set("small", "x" * 10)
+        c.set("big", "x" * 10_000)
+        small, big = c.segment.info("small"), c.segment.info("big")
+        assert small is not None and big is not None
+        assert small.flags & COMP_MASK == 0
+        assert (big.flags & COMP_MASK) >> COMP_SHIFT == 1 and big.value_len < 1000
+        assert c.get("big") == "x" * 10_000
+        c.set("off", "y" * 10_000, compression=False)
+        info = c.segment.info("off")
+        assert info is not None and info.flags & COMP_MASK == 0
+
+
+def test_unpicklable_value_gives_clear_error(cache: Cache) -> None:
+    with pytest.raises(TypeError, match="not picklable"):
+        cache.set("k", lambda: 1)
+    with pytest.raises(TypeError, match="JSON"):
+        cache.set("k", {1, 2}, serializer="json")
+    with pytest.raises(TypeError, match="raw serializer"):
+        cache.set("k", "text", serializer="raw")
+
+
+def test_object_cache_returns_same_object_until_version_changes(cache: Cache) -> None:
+    cache.set("obj", {"a": [1]})
+    cache._l0.clear()
+    first = cache.get("obj")
+    assert cache.get("obj") is first                  # L0 hit: no deserialization
+    other = Segment.attach(cache.segment.name)       # a second handle, as another worker
+    try:
+        assert other.set("obj", b"replaced") > 0         # a raw write bumps the version
+    finally:
+        other.close()
+    assert cache.get("obj") == b"replaced"
+
+
+def test_copy_mode_returns_fresh_objects(segname: str) -> None:
+    with Cache(CacheConfig(name=segname, c_memory_size_mb=8, object_cache=False)) as c:
+        c.set("obj", {"a": [1]})
+        one = c.get("obj")
+        one["a"].append(2)
+        assert c.get("obj") == {"a": [1]}
+
+
+def test_tags_namespaces_and_events(cache: Cache) -> None:
+    cache.set("u1", "alice", tags=["users", "team:1"])
+    cache.set("u2", "bob", tags=["users"])
+    cache.set("t", "team", tags=["team:1"])
+    info = cache.segment.info("u1")
+    assert info is not None and info.flags & F_ENVELOPE
+    cache.invalidate_tags("team:1")
+    assert cache.get_many(["u1", "u2", "t"]) == {"u2": "bob"}
+    cache.set("p", 1, namespace="products")
+    assert cache.get("p", namespace="products") == 1
+    assert cache.get("p") is None  # the namespace is part of the key
+    cache.invalidate_namespace("products")
+    assert cache.get("p", MISSING, namespace="products") is MISSING
+    cache.set("p", 2, namespace="products")
+    assert cache.get("p", namespace="products") == 2
+
+
+def test_config_from_env_and_levels(segname: str) -> None:
+    cfg = CacheConfig.from_env({"SHMCACHE_NAME": segname, "SHMCACHE_SIZE_MB": "4",
+                                "SHMCACHE_SERIALIZER": "json", "SHMCACHE_COMPRESSION": "0",
+                                "SHMCACHE_DEFAULT_TTL": "30", "SHMCACHE_OBJECT_CACHE": "no",
+                                "SHMCACHE_UNRELATED": "x"})
+    assert (cfg.name, cfg.size_bytes, cfg.serializer, cfg.compression, cfg.default_ttl,
+            cfg.object_cache) == (segname, 4 << 20, "json", False, 30.0, False)
+    with pytest.raises(ValueError, match="SHMCACHE_SIZE_MB"):
+        CacheConfig.from_env({"SHMCACHE_SIZE_MB": "lots"})
+    levels = CacheConfig.from_env({"SHMCACHE_LEVELS": "c_memory,redis"}).levels
+    assert levels == (CacheLevel.C_MEMORY, CacheLevel.REDIS)
+    with pytest.raises(TierNotAvailableError, match="Redis/disk tiers"):
+        Cache(CacheConfig(name=segname, levels=[CacheLevel.C_MEMORY, CacheLevel.REDIS]))
+    assert isinstance(TierNotAvailableError("x"), NotImplementedError)
+    name = default_segment_name("my app")
+    assert name == f"shmcache-my_app-{os.getuid()}"
+
+
+def test_environment_configures_default_cache(segname: str, monkeypatch: Any) -> None:
+    monkeypatch.setenv("SHMCACHE_NAME", segname)
+    monkeypatch.setenv("SHMCACHE_SIZE_MB", "4")
+    with Cache() as c:
+        assert c.segment.name == segname
+        assert c.get_statistics().memory_limit_mb == 4.0
+
+
+def test_statistics(cache: Cache) -> None:
+    cache.set("a", 1)
+    cache._l0.clear()
+    cache.get("a")          # L1 hit
+    cache.get("a")          # L0 hit
+    cache.get("missing")    # miss
+
+    @cache.cached(ttl=60)
+    def f(x: int) -> int:
+        return x
+
+    f(1)
+    f(1)
+    s = cache.get_statistics()
+    assert isinstance(s, CacheStatistics)
+    assert (s.hits, s.misses) == (3, 2)
+    assert s.levels["L0"].hits == 2 and s.levels["C_MEMORY"].hits == 1
+    assert s.entries >= 2 and s.memory_usage_mb > 0 and s.evictions == 0
+    assert s.ops_per_second > 0
+    fs = s.functions[f"{__name__}.test_statistics.<locals>.f"]
+    assert (fs.hits, fs.misses, fs.computes) == (1, 1, 1)
+
+
+def test_warm_skips_present_reports_failures(cache: Cache,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    cache.set("present", "old")
+
+    def boom() -> int:
+        raise RuntimeError("loader failed")
+
+    items = [("present", lambda: "new"), ("a", lambda: 1), ("b", boom), ("c", lambda: 3)]
+    r = cache.warm(items, concurrency=2, progress=True)
+    assert sorted(r.loaded) == ["a", "c"] and r.skipped == ["present"]
+    assert list(r.failed) == ["b"] and isinstance(r.failed["b"], RuntimeError)
+    assert cache.get("present") == "old"
+    r = cache.warm(items, force=True)
+    assert cache.get("present") == "new" and "present" in r.loaded
+    err = capsys.readouterr().err
+    assert "warm" in err  # tqdm's bar or the plain stderr line
+
+
+def test_awarm_with_async_loaders(cache: Cache) -> None:
+    async def load(n: int) -> int:
+        await asyncio.sleep(0)
+        return n
+
+    async def main() -> Any:
+        return await cache.awarm([(f"k{i}", lambda i=i: load(i)) for i in range(10)]
+                                 + [("sync", lambda: "s")], concurrency=3)
+
+    r = asyncio.run(main())
+    assert len(r.loaded) == 11 and r.ok
+    assert cache.get_many(["k3", "sync"]) == {"k3": 3, "sync": "s"}
+
+
+def test_threads_and_event_loop_together(cache: Cache) -> None:
+    @cache.cached(ttl=60)
+    def f(x: int) -> int:
+        cache.incr(f"computes:{x}")
+        return x * 2
+
+    @cache.cached(ttl=60, key_builder=lambda x: f.key(x))
+    async def af(x: int) -> int:
+        cache.incr(f"computes:{x}")
+        return x * 2
+
+    errors: list[BaseException] = []
+    start = threading.Barrier(5)
+
+    def worker() -> None:
+        try:
+            start.wait(10)
+            for i in range(200):
+                assert f(i % 20) == (i % 20) * 2
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    def loop_worker() -> None:
+        async def main() -> None:
+            start.wait(10)
+            for i in range(200):
+                assert await af(i % 20) == (i % 20) * 2
+
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    threads.append(threading.Thread(target=loop_worker))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert all(cache.incr(f"computes:{x}", 0) == 1 for x in range(20))

@@ -1,0 +1,381 @@
+"""``Cache.cached``: functions, coroutines, methods, keys, bypass/refresh/invalidate,
+re-entrancy, negative caching, stale-while-revalidate and static typing."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import enum
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shmcache import MISSING, Cache, CacheConfig, CacheLevel, TierNotAvailableError
+from shmcache import stampede as sf
+from shmcache.keys import UnkeyableArgumentError, encode_arg
+
+
+@pytest.fixture
+def cache(segname: str) -> Iterator[Cache]:
+    c = Cache(CacheConfig(name=segname, c_memory_size_mb=8))
+    yield c
+    c.close()
+
+
+def test_plain_function_and_wraps(cache: Cache) -> None:
+    calls: list[int] = []
+
+    @cache.cached(ttl=60)
+    def get_user(user_id: int) -> dict[str, Any]:
+        """Doc of get_user."""
+        calls.append(user_id)
+        return {"id": user_id, "bio": "x" * 1000}
+
+    assert get_user(1) == get_user(1) == {"id": 1, "bio": "x" * 1000}
+    assert get_user(2)["id"] == 2
+    assert calls == [1, 2]
+    assert get_user.__name__ == "get_user" and get_user.__doc__ == "Doc of get_user."
+    assert get_user.__wrapped__ is not None  # type: ignore[attr-defined]
+
+
+def test_async_function(cache: Cache) -> None:
+    calls: list[int] = []
+
+    @cache.cached(ttl=60)
+    async def fetch(x: int) -> int:
+        calls.append(x)
+        await asyncio.sleep(0)
+        return x + 1
+
+    async def main() -> list[int]:
+        return [await fetch(1), await fetch(1), await fetch.refresh(1)]
+
+    assert asyncio.run(main()) == [2, 2, 2]
+    assert calls == [1, 1]
+    assert asyncio.iscoroutine(c := fetch(5))
+    assert asyncio.run(c) == 6
+
+
+class Repo:
+    def __init__(self, shard: int) -> None:
+        self.shard = shard
+        self.calls = 0
+
+    def __cache_key__(self) -> int:
+        return self.shard
+
+
+def test_methods_static_and_class_methods(cache: Cache) -> None:
+    class Users(Repo):
+        @cache.cached(ttl=60)
+        def get(self, uid: int) -> str:
+            self.calls += 1
+            return f"{self.shard}:{uid}"
+
+        @staticmethod
+        @cache.cached(ttl=60)
+        def static_inner(x: int) -> int:
+            return x * 2
+
+        @cache.cached(ttl=60)  # type: ignore[arg-type]
+        @staticmethod
+        def static_outer(x: int) -> int:
+            return x * 3
+
+        @classmethod
+        @cache.cached(ttl=60)
+        def class_inner(cls, x: int) -> str:
+            return f"{cls.__name__}{x}"
+
+        @cache.cached(ttl=60)  # type: ignore[arg-type]
+        @classmethod
+        def class_outer(cls, x: int) -> str:
+            return f"{cls.__name__}-{x}"
+
+    a, b = Users(1), Users(2)
+    assert a.get(5) == a.get(5) == "1:5" and a.calls == 1
+    assert b.get(5) == "2:5"                      # the instance is part of the key
+    assert a.get.key(5) != b.get.key(5)
+    assert a.get.invalidate(5) is True and a.get(5) == "1:5" and a.calls == 2
+    assert Users.static_inner(2) == 4 and Users.static_outer(2) == 6
+    assert a.static_outer(3) == 9 and a.static_inner(3) == 6
+    assert Users.class_inner(1) == "Users1" and a.class_inner(1) == "Users1"
+    assert Users.class_outer(1) == "Users-1"
+    assert "<" in Users.class_outer.key(1)  # the class is keyed by qualified name
+
+
+def test_method_without_cache_key_needs_ignore_self(cache: Cache) -> None:
+    class Service:
+        @cache.cached(ttl=60)
+        def bad(self, x: int) -> int:
+            return x
+
+        @cache.cached(ttl=60, ignore_self=True)
+        def good(self, x: int) -> int:
+            return x
+
+    with pytest.raises(TypeError, match="'self'.*ignore_self"):
+        Service().bad(1)
+    assert Service().good(1) == 1 and Service().good.key(1).endswith("good|1")
+
+
+def test_unkeyable_argument_names_it_and_points_to_key_builder(cache: Cache) -> None:
+    class Request:
+        pass
+
+    @cache.cached(ttl=60)
+    def handler(user_id: int, request: Request) -> int:
+        return user_id
+
+    with pytest.raises(UnkeyableArgumentError) as ei:
+        handler(1, Request())
+    msg = str(ei.value)
+    assert "'request'" in msg and "Request" in msg and "key_builder" in msg
+    assert isinstance(ei.value, TypeError)
+    with pytest.raises(TypeError, match="'request'"):
+        handler(1, request=Request())
+
+    @cache.cached(ttl=60, key_builder=lambda user_id, request: f"h:{user_id}")
+    def handler2(user_id: int, request: Request) -> int:
+        return user_id
+
+    assert handler2(3, Request()) == 3 and handler2.key(3, Request()) == "h:3"
+
+
+def test_unpicklable_result_gives_clear_error(cache: Cache) -> None:
+    @cache.cached(ttl=60)
+    def make() -> Any:
+        return lambda: 1
+
+    with pytest.raises(TypeError, match=r"make: cannot cache its result.*not picklable"):
+        make()
+
+
+def test_default_keys_are_canonical(cache: Cache) -> None:
+    class Color(enum.Enum):
+        RED = 1
+
+    @cache.cached(ttl=60)
+    def f(*args: Any, **kwargs: Any) -> int:
+        return 1
+
+    k = f.key(1, "a", 2.5, None, True, b"b", (1, [2]), {"b": 1, "a": 2}, frozenset({2, 1}),
+              Color.RED, datetime.date(2024, 1, 2), uuid.UUID(int=7), z=1, a=2)
+    assert k == f.key(1, "a", 2.5, None, True, b"b", (1, [2]), {"a": 2, "b": 1},
+                      frozenset({1, 2}), Color.RED, datetime.date(2024, 1, 2),
+                      uuid.UUID(int=7), a=2, z=1)
+    assert k.startswith(f"{__name__}.test_default_keys_are_canonical.<locals>.f|1|'a'|")
+    assert f.key(1) != f.key("1") != f.key(1.0) and f.key(True) != f.key(1)
+    assert encode_arg({"x": (1, 2)}) == "{'x':(1,2)}"
+    long = f.key("x" * 1000)
+    assert len(long.encode()) <= cache.max_key_len and long == f.key("x" * 1000)
+    assert f("x" * 1000) == 1
+
+
+def test_key_is_stable_across_interpreter_runs(cache: Cache) -> None:
+    # A fresh interpreter with another hash seed builds the same key.
+    code = textwrap.dedent("""
+        from shmcache.keys import function_key
+        def f(): pass
+        f.__module__, f.__qualname__ = "app.users", "get_user"
+        print(function_key(f, (42, "x", (1, 2.5), {"b": 1, "a": None}, frozenset("ab")), {}))
+    """)
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                           check=True).stdout for seed in (1, 2)}
+    assert len(outs) == 1
+    assert outs.pop().strip() == ("app.users.get_user|42|'x'|(1,2.5)|{'a':None,'b':1}|"
+                                  "set{'a','b'}")
+
+
+def test_bypass_refresh_invalidate(cache: Cache) -> None:
+    n = [0]
+
+    @cache.cached(ttl=60)
+    def counter(x: int) -> int:
+        n[0] += 1
+        return n[0]
+
+    assert counter(1) == 1 and counter(1) == 1
+    assert counter.bypass(1) == 2 and counter(1) == 1   # bypass does not store
+    assert counter.refresh(1) == 3 and counter(1) == 3  # refresh stores
+    assert counter.invalidate(1) is True and counter.invalidate(1) is False
+    assert counter(1) == 4
+    assert cache.get(counter.key(1)) == 4
+
+
+def test_reentrant_calls_do_not_deadlock(cache: Cache) -> None:
+    depth = [0]
+
+    @cache.cached(ttl=60, wait_timeout=30)
+    def again(x: int) -> int:
+        depth[0] += 1
+        if depth[0] == 1:
+            return again(x) + 1   # the same key, from inside its own computation
+        return 10
+
+    @cache.cached(ttl=60)
+    def fib(n: int) -> int:
+        return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+    assert again(1) == 11
+    assert fib(60) == 1548008755920
+    assert cache.get_statistics().wait_timeouts == 0
+
+
+def test_negative_caching(cache: Cache) -> None:
+    calls: list[str] = []
+
+    @cache.cached(ttl=60, cache_errors=(LookupError,), negative_ttl=60)
+    def lookup(k: str) -> str:
+        calls.append(k)
+        if k == "missing":
+            raise KeyError(k)
+        if k == "bad":
+            raise ValueError(k)
+        return k
+
+    for _ in range(2):
+        with pytest.raises(KeyError):
+            lookup("missing")
+        with pytest.raises(ValueError):
+            lookup("bad")
+    assert calls == ["missing", "bad", "bad"]    # KeyError cached, ValueError not
+    assert cache.get(lookup.key("missing"), MISSING) is MISSING  # not a plain value
+
+    nones: list[int] = []
+
+    @cache.cached(ttl=60, cache_none=False)
+    def maybe(x: int) -> int | None:
+        nones.append(x)
+        return None
+
+    assert maybe(1) is None and maybe(1) is None and nones == [1, 1]
+
+
+def test_stale_while_revalidate(cache: Cache) -> None:
+    v = [0]
+
+    @cache.cached(ttl=0.05, stale_while_revalidate=60)
+    def slow(x: int) -> int:
+        v[0] += 1
+        return v[0]
+
+    assert slow(1) == 1
+    deadline = time.time() + 0.1   # let the soft TTL pass (time, not synchronization)
+    while time.time() < deadline:
+        time.sleep(0.01)
+    # Another (live) process is refreshing: hold its lease, as it would.
+    lkey = sf.lease_key(slow.key(1), cache.max_key_len)
+    ver = sf.acquire(cache.segment, lkey, 30)
+    assert ver is not None
+    assert slow(1) == 1                               # stale value, at once
+    assert cache.get_statistics().stale_serves == 1
+    sf.release(cache.segment, lkey, ver)
+    assert slow(1) == 2                               # we refresh now
+    assert slow(1) == 2
+
+
+def test_level_and_namespace_options(cache: Cache) -> None:
+    with pytest.raises(TierNotAvailableError):
+        cache.cached(ttl=1, level=CacheLevel.REDIS)
+    n = [0]
+
+    @cache.cached(ttl=60, level=CacheLevel.C_MEMORY, namespace="catalog")
+    def item(x: int) -> int:
+        n[0] += 1
+        return x
+
+    item(1)
+    item(1)
+    assert n[0] == 1 and item.key(1).startswith("catalog@")
+    cache.invalidate_namespace("catalog")
+    item(1)
+    assert n[0] == 2
+
+
+def test_tags_on_decorator(cache: Cache) -> None:
+    n = [0]
+
+    @cache.cached(ttl=60, tags=lambda uid: [f"user:{uid}"], invalidate_on=["reload"])
+    def profile(uid: int) -> int:
+        n[0] += 1
+        return uid
+
+    profile(1)
+    profile(2)
+    cache.invalidate_tags("user:1")
+    profile(1)
+    profile(2)
+    assert n[0] == 3
+    cache.emit("reload")
+    profile(1)
+    profile(2)
+    assert n[0] == 5
+
+
+def test_copy_option_gives_fresh_objects(cache: Cache) -> None:
+    @cache.cached(ttl=60)
+    def shared() -> list[int]:
+        return [1]
+
+    @cache.cached(ttl=60, copy=True)
+    def private() -> list[int]:
+        return [1]
+
+    assert shared() is shared()
+    private().append(2)
+    a, b = private(), private()
+    assert a == b == [1] and a is not b
+
+
+def test_signatures_survive_mypy_strict(tmp_path: Path) -> None:
+    src = tmp_path / "typed_use.py"
+    src.write_text(textwrap.dedent("""
+        from shmcache import Cache
+
+        cache = Cache()
+
+        @cache.cached(ttl=60)
+        def get_user(user_id: int, *, full: bool = False) -> dict[str, int]:
+            return {"id": user_id}
+
+        @cache.cached(ttl=60)
+        async def aget_user(user_id: int) -> str:
+            return str(user_id)
+
+        class Svc:
+            def __cache_key__(self) -> int:
+                return 1
+
+            @cache.cached(ttl=60)
+            def m(self, x: str) -> float:
+                return 1.0
+
+        ok: dict[str, int] = get_user(1, full=True)
+        k: str = get_user.key(1)
+        f: float = Svc().m("x")
+        b: bool = Svc().m.invalidate("x")
+
+        async def use() -> str:
+            return await aget_user(3)
+
+        get_user("no")  # E: wrong argument type
+        Svc().m(1)  # E: wrong argument type
+    """))
+    res = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-error-summary",
+                          "--cache-dir", str(tmp_path / ".mypy"), str(src)],
+                         capture_output=True, text=True)
+    errors = [ln for ln in res.stdout.splitlines() if ": error:" in ln]
+    lines = src.read_text().splitlines()
+    flagged = {int(ln.split(":")[1]) for ln in errors}
+    expected = {i + 1 for i, ln in enumerate(lines) if "# E:" in ln}
+    assert flagged == expected, res.stdout
