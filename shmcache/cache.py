@@ -106,6 +106,7 @@ class _Missing(enum.Enum):
 
 #: Default of ``get``: pass it to tell a miss from a cached ``None``.
 MISSING: Final = _Missing.MISSING
+_NOTFOUND: Final = object()  # l0_get's default: distinct from any cached object
 
 
 class _Unset(enum.Enum):
@@ -185,12 +186,12 @@ class Cache:
         # slower with every deletion (iteration skips the dead slots at its front).
         self._l0: OrderedDict[str, L0Entry] = OrderedDict()
         self._l0_max = max(1, cfg.object_cache_size)
-        # hit_version: the engine's direct-call (version, flags) read, when the build
-        # has it; otherwise Segment.info through cffi (about 10x slower, see docs/api.md).
-        fast_hv = getattr(self.segment, "hit_version", None)
-        self._fast_hv = fast_hv is not None
-        self._hv: Callable[[str], tuple[int, int] | None] = fast_hv or self._info_version
+        # A counted hit validated by version, without copying the value (direct call).
+        self._hv: Callable[[str], tuple[int, int] | None] = self.segment.hit_version
         self._sget: Callable[[str], bytes | None] = self.segment.get
+        self._sget_info: Callable[[str], tuple[bytes, int, int] | None] = \
+            self.segment.get_info
+        self._l0get: Callable[[Any, str, Any, bytearray], Any] = self.segment.l0_get
         self._counters = Counters()
         self._functions: dict[str, tuple[Counters, str]] = {}
         self._rate = RateWindow(cfg.stats_window)
@@ -220,27 +221,10 @@ class Cache:
 
     # -- internals: versions, entries ------------------------------------------------
 
-    def _info_version(self, key: str) -> tuple[int, int] | None:
-        i = self.segment.info(key)
-        return None if i is None else (i.version, i.flags)
-
     def _read(self, key: str) -> tuple[bytes, int, int] | None:
-        """(value bytes, flags, version) of a consistent read, or None on a miss."""
-        hv, sget = self._hv, self._sget
-        if self._fast_hv:
-            for _ in range(3):  # version, value, version: equal versions = one entry
-                a = hv(key)
-                if a is None:
-                    return None
-                raw = sget(key)
-                if raw is None:
-                    return None
-                if hv(key) == a:
-                    return raw, a[1], a[0]
-        got = self.segment.get_with_info(key)
-        if got is None:
-            return None
-        return got[0], got[1].flags, got[1].version
+        """(value bytes, flags, version) of one consistent read, or None on a miss."""
+        got = self._sget_info(key)
+        return None if got is None else (got[0], got[2], got[1])
 
     def _encode(self, value: Any, ser: Serializer, codec: Codec | None,
                 meta: Meta | None) -> tuple[bytes, int]:
@@ -759,7 +743,7 @@ class Cache:
                                         c.compute_seconds, c.waits, c.stale_serves,
                                         c.errors)
         for c in [self._counters] + [c for c, _ in self._functions.values()]:
-            for f in Counters.__slots__:
+            for f in Counters.FIELDS:
                 setattr(total, f, getattr(total, f) + getattr(c, f))
         seg = self.segment.stats()
         hits = total.l0_hits + total.l1_hits
@@ -878,9 +862,9 @@ class CachedFunction(Generic[P, R]):
         self._static_tags = (tuple(opts.tags) if not callable(opts.tags) else ()) + opts.events
         self._simple = (opts.key_builder is None and opts.namespace is None
                         and not opts.ignore_self)
-        self._hotpath: tuple[str, Callable[[str], L0Entry | None],
-                             Callable[[str], tuple[int, int] | None], int, Counters] | None = (
-            (self._prefix, cache._l0.get, cache._hv, cache._short_limit, self._counters)
+        self._hotpath: tuple[str, Callable[[Any, str, Any, bytearray], Any],
+                             dict[str, L0Entry], bytearray] | None = (
+            (self._prefix, cache._l0get, cache._l0, self._counters.l0_fast)
             if self._simple and opts.use_l0 and not self._async else None)
 
     # -- keys ------------------------------------------------------------------------
@@ -929,20 +913,16 @@ class CachedFunction(Generic[P, R]):
         hot = self._hotpath
         if hot is not None and not kwargs and len(args) == 1:
             # The hot path, inlined (every call and attribute lookup here costs ~20-70
-            # ns of a ~900 ns hit): one int/str argument, an L0 entry without
-            # envelope, and the engine's version check.  Everything else falls through.
+            # ns of a sub-microsecond hit): one int/str argument whose object is in the
+            # per-process cache without an envelope, and whose version in the segment is
+            # unchanged -- checked in one direct call.  Everything else falls through.
             a = args[0]
             t = type(a)
             if t is int or t is str:
-                prefix, l0get, hv, short, counters = hot
-                key = prefix + repr(a)
-                e = l0get(key)
-                if e is not None and e[2] is None and len(key) <= short:
-                    r = hv(key)
-                    if r is not None and r[0] == e[0]:
-                        counters.l0_hits += 1
-                        v: R = e[1]
-                        return v
+                prefix, l0get, l0, hits = hot
+                v: R = l0get(l0, prefix + repr(a), _NOTFOUND, hits)
+                if v is not _NOTFOUND:
+                    return v
         if self._async:
             return cast(R, self._acall(args, kwargs))
         key = self._key(args, kwargs)

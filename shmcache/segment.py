@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -306,8 +307,10 @@ class Segment:
         if lib.shm_py_fastseg(handle, ffi.cast("void *", id(_raise_code)),
                               ffi.cast("void *", id(box))) == 0:
             self._fast: Any = box[0]
-            vars(self).update(get=self._fast.get, set=self._fast.set,
-                              contains=self._fast.contains, hit_version=self._fast.version)
+            f = self._fast
+            vars(self).update(get=f.get, set=f.set, add=f.add, delete=f.delete,
+                              contains=f.contains, hit_version=f.version,
+                              get_info=f.get_info, l0_get=f.l0_get)
         else:
             self._fast = None
 
@@ -501,6 +504,27 @@ class Segment:
             if n <= cap:
                 return ffi.unpack(buf, n), _info(info)
             self._buf(n)
+
+    def get_info(self, key: str | bytes) -> tuple[bytes, int, int] | None:
+        """``(value, version, flags)`` read together, or ``None`` on a miss."""
+        got = self.get_with_info(key)
+        return None if got is None else (got[0], got[1].version, got[1].flags)
+
+    def l0_get(self, objects: dict[Any, tuple[int, Any, Any]], key: str | bytes,
+               default: Any, hits: bytearray | None = None) -> Any:
+        """A per-process object cache hit in one call: ``objects[key]`` is
+        ``(version, obj, meta)``; return ``obj`` if ``meta is None`` and the entry's
+        version in the segment is still ``version`` (counted as a hit, and added to the
+        native little-endian int64 in ``hits`` if given), else ``default``."""
+        e = objects.get(key)
+        if e is None or e[2] is not None:
+            return default
+        hv = self.hit_version(key)
+        if hv is None or hv[0] != e[0]:
+            return default
+        if hits is not None:
+            hits[:8] = (int.from_bytes(hits[:8], sys.byteorder) + 1).to_bytes(8, sys.byteorder)
+        return e[1]
 
     def info(self, key: str | bytes) -> ItemInfo | None:
         """Metadata (version, expiry, length, flags) without copying the value."""

@@ -379,3 +379,25 @@ def test_signatures_survive_mypy_strict(tmp_path: Path) -> None:
     flagged = {int(ln.split(":")[1]) for ln in errors}
     expected = {i + 1 for i, ln in enumerate(lines) if "# E:" in ln}
     assert flagged == expected, res.stdout
+
+
+def test_hot_path_hits_are_counted_per_function_and_see_other_writers(cache: Cache) -> None:
+    calls: list[int] = []
+
+    @cache.cached(ttl=60)
+    def square(n: int) -> list[int]:
+        calls.append(n)
+        return [n * n]
+
+    first = square(3)
+    for _ in range(5):
+        assert square(3) is first          # the per-process object, no unpickle
+    st = cache.get_statistics()
+    fs = next(f for name, f in st.functions.items() if name.endswith("square"))
+    assert fs.hits == 5 and fs.misses == 1 and calls == [3]
+    assert st.levels["L0"].hits == 5
+    # another writer replaces the entry: the version check sends the next call to L1
+    raw, _version, flags = cache.segment.get_info(square.key(3)) or (b"", 0, 0)
+    cache.segment.set(square.key(3), raw, flags=flags)
+    again = square(3)
+    assert again == [9] and again is not first and calls == [3]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
@@ -706,3 +707,29 @@ def test_hit_version_counts_a_hit_without_copying(seg: Segment) -> None:
     seg.set("ttl", b"1", ttl=1)
     seg.set_clock(seg.now() + 5)
     assert seg.hit_version("ttl") is None  # expired counts as a miss
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_get_info_add_delete_l0_get_direct_and_reference(seg: Segment, direct: bool) -> None:
+    # The direct-call path and the cffi reference implementation must agree.
+    def call(name: str, *a: Any, **kw: Any) -> Any:
+        fn = getattr(seg, name) if direct else getattr(Segment, name).__get__(seg)
+        return fn(*a, **kw)
+
+    v1 = call("add", "k", b"one", flags=5)
+    assert isinstance(v1, int) and call("add", "k", b"two") is None
+    assert call("get_info", "k") == (b"one", v1, 5)
+    assert call("get_info", "nope") is None
+    objects: dict[Any, Any] = {"k": (v1, ["obj"], None), "m": (v1, "x", ("meta",))}
+    assert call("l0_get", objects, "k", "DFLT") == ["obj"]
+    assert call("l0_get", objects, "m", "DFLT") == "DFLT"        # meta: not a plain hit
+    assert call("l0_get", objects, "absent", "DFLT") == "DFLT"
+    v2 = seg.set("k", b"three")
+    assert call("l0_get", objects, "k", "DFLT") == "DFLT"        # version moved on
+    with pytest.raises(VersionMismatchError):
+        call("delete", "k", expect_version=v1)
+    assert call("delete", "k", expect_version=v2) is True
+    assert call("delete", "k") is False
+    big = b"b" * 5000
+    call("add", "big", big)
+    assert call("get_info", "big")[0] == big

@@ -78,7 +78,8 @@ static inline int fp_open(FastSeg *self) {
     return 0;
 }
 
-static PyObject *fp_get_key(FastSeg *self, const char *k, Py_ssize_t kl, PyObject *dflt);
+static PyObject *fp_get_key(FastSeg *self, const char *k, Py_ssize_t kl, PyObject *dflt,
+                            shm_item_info *info);
 
 static PyObject *fp_get(FastSeg *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 1 || nargs > 2) {
@@ -89,18 +90,19 @@ static PyObject *fp_get(FastSeg *self, PyObject *const *args, Py_ssize_t nargs) 
     Py_ssize_t kl;
     PyObject *tmp;
     if (!fp_open(self) || fp_key(self, args[0], &k, &kl, &tmp) < 0) return NULL;
-    PyObject *r = fp_get_key(self, k, kl, nargs > 1 ? args[1] : Py_None);
+    PyObject *r = fp_get_key(self, k, kl, nargs > 1 ? args[1] : Py_None, NULL);
     Py_XDECREF(tmp);
     return r;
 }
 
-static PyObject *fp_get_key(FastSeg *self, const char *k, Py_ssize_t kl, PyObject *dflt) {
+static PyObject *fp_get_key(FastSeg *self, const char *k, Py_ssize_t kl, PyObject *dflt,
+                            shm_item_info *info) {
     uint32_t klen = (uint32_t)(kl > 0xffffffffLL ? 0xffffffff : kl);
     int64_t n;
     while (self->guess >= FP_DIRECT_MIN) {
         PyObject *b = PyBytes_FromStringAndSize(NULL, self->guess);
         if (!b) return NULL;
-        n = shm_get(self->c, k, klen, PyBytes_AS_STRING(b), (uint64_t)self->guess, NULL);
+        n = shm_get(self->c, k, klen, PyBytes_AS_STRING(b), (uint64_t)self->guess, info);
         if (n == self->guess) return b;
         if (n >= 0 && n < self->guess) {
             self->guess = (Py_ssize_t)n;
@@ -112,7 +114,7 @@ static PyObject *fp_get_key(FastSeg *self, const char *k, Py_ssize_t kl, PyObjec
         self->guess = (Py_ssize_t)n;   /* larger than guessed: nothing copied, retry */
     }
     for (;;) {
-        n = shm_get(self->c, k, klen, self->buf, self->cap, NULL);
+        n = shm_get(self->c, k, klen, self->buf, self->cap, info);
         if (n < 0 || (uint64_t)n <= self->cap) break;
         char *nb = PyMem_RawRealloc(self->buf, (size_t)n);   /* no lock is held here */
         if (!nb) return PyErr_NoMemory();
@@ -131,6 +133,79 @@ done:
     return fp_engine_error(self, n);
 }
 
+/* get_info(key) -> (value, version, flags) or None: value and metadata of one entry,
+ * read under one lock (what a per-process object cache needs to fill itself). */
+static PyObject *fp_get_info(FastSeg *self, PyObject *key) {
+    const char *k;
+    Py_ssize_t kl;
+    PyObject *tmp;
+    if (!fp_open(self) || fp_key(self, key, &k, &kl, &tmp) < 0) return NULL;
+    shm_item_info info;
+    PyObject *v = fp_get_key(self, k, kl, Py_None, &info);
+    Py_XDECREF(tmp);
+    if (v == NULL || v == Py_None) return v;   /* values are bytes: None means a miss */
+    PyObject *r = Py_BuildValue("(NKI)", v, (unsigned long long)info.version,
+                                (unsigned)info.flags);
+    return r;
+}
+
+/* l0_get(objects, key, default, hits=None): a per-process object cache hit in one
+ * call.  objects maps key -> (version, object, meta); the object is returned only if
+ * meta is None and the entry's version in the segment is unchanged (counted as a hit
+ * there, and in the native int64 held by the optional bytearray hits), else default.
+ * For the cached decorator's hot path. */
+static PyObject *fp_l0_get(FastSeg *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 3 || nargs > 4 || !PyDict_Check(args[0]) ||
+        (nargs == 4 && !(PyByteArray_Check(args[3]) && PyByteArray_GET_SIZE(args[3]) >= 8))) {
+        PyErr_SetString(PyExc_TypeError, "l0_get(objects: dict, key, default, "
+                        "hits: bytearray(8) = None)");
+        return NULL;
+    }
+    PyObject *dflt = args[2];
+    PyObject *e = PyDict_GetItemWithError(args[0], args[1]);   /* borrowed */
+    if (!e) {
+        if (PyErr_Occurred()) return NULL;
+        goto miss;
+    }
+    if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 3 || PyTuple_GET_ITEM(e, 2) != Py_None ||
+        !PyLong_Check(PyTuple_GET_ITEM(e, 0)))
+        goto miss;
+    unsigned long long want = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(e, 0));
+    if (want == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        goto miss;
+    }
+    Py_INCREF(e);   /* the dict may change when the key's str is encoded */
+    const char *k;
+    Py_ssize_t kl;
+    PyObject *tmp;
+    if (!fp_open(self) || fp_key(self, args[1], &k, &kl, &tmp) < 0) {
+        Py_DECREF(e);
+        return NULL;
+    }
+    shm_item_info info;
+    int r = shm_hit_info(self->c, k, (uint32_t)(kl > 0xffffffffLL ? 0xffffffff : kl), &info);
+    Py_XDECREF(tmp);
+    if (r == 0 && info.version == want) {
+        if (nargs == 4) {   /* the caller's hit counter: an int64 in a bytearray */
+            char *p = PyByteArray_AS_STRING(args[3]);
+            int64_t n;
+            memcpy(&n, p, 8);
+            n++;
+            memcpy(p, &n, 8);
+        }
+        PyObject *v = PyTuple_GET_ITEM(e, 1);
+        Py_INCREF(v);
+        Py_DECREF(e);
+        return v;
+    }
+    Py_DECREF(e);
+    if (r < 0 && r != SHM_MISS) return fp_engine_error(self, r);
+miss:
+    Py_INCREF(dflt);
+    return dflt;
+}
+
 static PyObject *fp_contains(FastSeg *self, PyObject *key) {
     const char *k;
     Py_ssize_t kl;
@@ -143,11 +218,12 @@ static PyObject *fp_contains(FastSeg *self, PyObject *key) {
 }
 
 static PyObject *fp_set_key(FastSeg *self, const char *k, Py_ssize_t kl, PyObject *val,
-                            PyObject *ttl, uint32_t flags, uint64_t expect);
+                            PyObject *ttl, uint32_t flags, uint64_t expect, int mode);
 
-/* set(key, value, ttl=None, *, flags=0, expect_version=0) -> int version */
-static PyObject *fp_set(FastSeg *self, PyObject *const *args, Py_ssize_t nargs,
-                        PyObject *kwnames) {
+/* set(key, value, ttl=None, *, flags=0, expect_version=0) -> int version
+ * add(key, value, ttl=None, *, flags=0) -> int version, or None if the key exists */
+static PyObject *fp_write(FastSeg *self, PyObject *const *args, Py_ssize_t nargs,
+                          PyObject *kwnames, int mode) {
     PyObject *ttl = nargs > 2 ? args[2] : Py_None;
     unsigned long long flags = 0, expect = 0;
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
@@ -174,7 +250,11 @@ static PyObject *fp_set(FastSeg *self, PyObject *const *args, Py_ssize_t nargs,
                 return NULL;
             }
             if (is_flags) flags = x;
-            else expect = x;
+            else if (mode == SHM_SET) expect = x;
+            else {
+                PyErr_SetString(PyExc_TypeError, "add() takes no expect_version");
+                return NULL;
+            }
         } else {
             PyErr_Format(PyExc_TypeError, "set() got an unexpected keyword argument %R", name);
             return NULL;
@@ -188,13 +268,53 @@ static PyObject *fp_set(FastSeg *self, PyObject *const *args, Py_ssize_t nargs,
     Py_ssize_t kl;
     PyObject *tmp;
     if (!fp_open(self) || fp_key(self, args[0], &k, &kl, &tmp) < 0) return NULL;
-    PyObject *r = fp_set_key(self, k, kl, args[1], ttl, (uint32_t)flags, expect);
+    PyObject *r = fp_set_key(self, k, kl, args[1], ttl, (uint32_t)flags, expect, mode);
     Py_XDECREF(tmp);
     return r;
 }
 
+static PyObject *fp_set(FastSeg *self, PyObject *const *args, Py_ssize_t nargs,
+                        PyObject *kwnames) {
+    return fp_write(self, args, nargs, kwnames, SHM_SET);
+}
+
+static PyObject *fp_add(FastSeg *self, PyObject *const *args, Py_ssize_t nargs,
+                        PyObject *kwnames) {
+    return fp_write(self, args, nargs, kwnames, SHM_ADD);
+}
+
+/* delete(key, *, expect_version=0) -> bool */
+static PyObject *fp_delete(FastSeg *self, PyObject *const *args, Py_ssize_t nargs,
+                           PyObject *kwnames) {
+    unsigned long long expect = 0;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs != 1 || nkw > 1 || (nkw == 1 && PyUnicode_CompareWithASCIIString(
+                                      PyTuple_GET_ITEM(kwnames, 0), "expect_version"))) {
+        PyErr_SetString(PyExc_TypeError, "delete(key, *, expect_version=0)");
+        return NULL;
+    }
+    if (nkw) {
+        PyObject *v = args[1];
+        if (!PyLong_Check(v) || PyBool_Check(v)) {
+            PyErr_SetString(PyExc_TypeError, "expect_version must be an int");
+            return NULL;
+        }
+        expect = PyLong_AsUnsignedLongLong(v);
+        if (expect == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    }
+    const char *k;
+    Py_ssize_t kl;
+    PyObject *tmp;
+    if (!fp_open(self) || fp_key(self, args[0], &k, &kl, &tmp) < 0) return NULL;
+    int rc = shm_delete(self->c, k, (uint32_t)(kl > 0xffffffffLL ? 0xffffffff : kl), expect);
+    Py_XDECREF(tmp);
+    if (rc == SHM_MISS) Py_RETURN_FALSE;
+    if (rc < 0) return fp_engine_error(self, rc);
+    Py_RETURN_TRUE;
+}
+
 static PyObject *fp_set_key(FastSeg *self, const char *k, Py_ssize_t kl, PyObject *val,
-                            PyObject *ttl, uint32_t flags, uint64_t expect) {
+                            PyObject *ttl, uint32_t flags, uint64_t expect, int mode) {
     int64_t ttl_ms = 0;
     if (ttl != Py_None) {
         if (PyBool_Check(ttl) || !(PyLong_Check(ttl) || PyFloat_Check(ttl)))
@@ -210,13 +330,13 @@ static PyObject *fp_set_key(FastSeg *self, const char *k, Py_ssize_t kl, PyObjec
     uint32_t klen = (uint32_t)(kl > 0xffffffffLL ? 0xffffffff : kl);
     if (PyBytes_Check(val)) {
         rc = shm_set(self->c, k, klen, PyBytes_AS_STRING(val),
-                     (uint64_t)PyBytes_GET_SIZE(val), ttl_ms, flags, SHM_SET,
+                     (uint64_t)PyBytes_GET_SIZE(val), ttl_ms, flags, mode,
                      expect, &ver);
     } else if (PyByteArray_Check(val) || PyMemoryView_Check(val)) {
         Py_buffer view;
         if (PyObject_GetBuffer(val, &view, PyBUF_SIMPLE) < 0) return NULL;
         rc = shm_set(self->c, k, klen, view.buf, (uint64_t)view.len, ttl_ms, flags,
-                     SHM_SET, expect, &ver);
+                     mode, expect, &ver);
         PyBuffer_Release(&view);
     } else {
         char msg[200];
@@ -224,6 +344,7 @@ static PyObject *fp_set_key(FastSeg *self, const char *k, Py_ssize_t kl, PyObjec
                  "not %.80s; serialize it first or use shmcache.Cache", Py_TYPE(val)->tp_name);
         return fp_raise(self, FP_ENOTBYTES, msg);
     }
+    if (rc == SHM_EEXISTS && mode == SHM_ADD) Py_RETURN_NONE;
     if (rc < 0) return fp_engine_error(self, rc);
     return PyLong_FromUnsignedLongLong(ver);
 }
@@ -261,6 +382,15 @@ static PyMethodDef fp_methods[] = {
     {"set", (PyCFunction)(void (*)(void))fp_set, METH_FASTCALL | METH_KEYWORDS,
      "set(key, value, ttl=None, *, flags=0, expect_version=0) -> int: store bytes; "
      "returns the new version."},
+    {"add", (PyCFunction)(void (*)(void))fp_add, METH_FASTCALL | METH_KEYWORDS,
+     "add(key, value, ttl=None, *, flags=0) -> int | None: store only if absent."},
+    {"delete", (PyCFunction)(void (*)(void))fp_delete, METH_FASTCALL | METH_KEYWORDS,
+     "delete(key, *, expect_version=0) -> bool: remove; True if it was present."},
+    {"get_info", (PyCFunction)fp_get_info, METH_O,
+     "get_info(key) -> (value, version, flags) | None: value and metadata, one read."},
+    {"l0_get", (PyCFunction)(void (*)(void))fp_l0_get, METH_FASTCALL,
+     "l0_get(objects, key, default, hits=None): per-process object cache hit validated by "
+     "version; counts it in the int64 of bytearray hits."},
     {"contains", (PyCFunction)fp_contains, METH_O,
      "contains(key) -> bool: present and not expired."},
     {"version", (PyCFunction)fp_version, METH_O,
