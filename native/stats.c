@@ -5,6 +5,8 @@
  * processes that closed or were reaped.  Memory figures come from the size classes.
  * Reads take no lock: figures are a moment's snapshot, not a transaction.
  */
+#include <signal.h>
+
 #include "internal.h"
 
 static void counters_sum(shm_counters *dst, const shm_counters *src) {
@@ -76,6 +78,8 @@ int shm_slot_stats_get(shm_cache *c, uint32_t i, shm_slot_stats *o) {
     o->state = LOAD(&s->state);
     if (!o->state) return 0;
     o->pid = s->pid;
+    /* A statistic only (no lock held): reaping decides death more carefully. */
+    if (o->pid > 0 && kill(o->pid, 0) != 0 && errno == ESRCH) o->state = 2;
     o->generation = s->generation;
     o->attached_at_ms = s->attached_ms;
     for (uint32_t j = 0; j < PINS_PER_SLOT; j++) o->pins += LOAD_RLX(&s->pins[j]) != 0;

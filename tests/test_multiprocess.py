@@ -551,3 +551,20 @@ def test_handle_created_by_exited_thread_keeps_its_slot(seg: Segment, segname: s
     p.release()
     h.close()
     assert seg.verify() == []
+
+
+def _attach_and_die(name: str) -> None:
+    s = Segment.attach(name)  # kept referenced: its finalizer would close it
+    assert s.slot >= 0
+    os._exit(0)  # no close(): the slot stays claimed by a dead process
+
+
+def test_dead_slot_is_reported_until_reaped(seg: Segment, segname: str) -> None:
+    p = SPAWN.Process(target=_attach_and_die, args=(segname,))
+    p.start()
+    p.join(JOIN)
+    assert p.exitcode == 0
+    states = {s.pid: s.state for s in seg.stats().slots}
+    assert states[os.getpid()] == "live" and states[p.pid] == "dead"
+    assert seg.reap() == 1
+    assert [s.pid for s in seg.stats().slots] == [os.getpid()]
