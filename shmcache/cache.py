@@ -44,7 +44,9 @@ import concurrent.futures
 import contextlib
 import enum
 import functools
+import gc
 import inspect
+import logging
 import os
 import pickle
 import struct
@@ -52,6 +54,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,7 +72,7 @@ from typing import (
 
 from . import stampede
 from .config import CacheConfig, CacheLevel, TierNotAvailableError
-from .errors import SegmentFullError, ShmCacheError, ValueTooLargeError
+from .errors import ShmCacheError
 from .keys import UnkeyableArgumentError, function_key, qualified_name, shorten
 from .segment import Segment, unlink_segment
 from .serializers import (
@@ -84,7 +87,7 @@ from .serializers import (
     get_codec,
     get_serializer,
 )
-from .stampede import FRESH, MISS, STALE
+from .stampede import FRESH, MISS, STALE, STORE_ERRORS
 from .stats import CacheStatistics, Counters, FunctionStats, LevelStats, RateWindow
 
 __all__ = ["Cache", "CachedFunction", "BoundCachedFunction", "WarmReport", "MISSING",
@@ -103,6 +106,8 @@ class _Missing(enum.Enum):
     def __repr__(self) -> str:
         return "MISSING"
 
+    __str__ = __repr__
+
 
 #: Default of ``get``: pass it to tell a miss from a cached ``None``.
 MISSING: Final = _Missing.MISSING
@@ -119,6 +124,11 @@ _TAG_PREFIX: Final = "__shmcache__:tag:"
 _NS_PREFIX: Final = "__shmcache__:ns:"
 _EVENT_PREFIX: Final = "event:"
 _HDR: Final = struct.Struct("<qB")
+_PKG_DIR: Final = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_log = logging.getLogger("shmcache.cache")
+
+#: A key as the segment sees it: str, or bytes that are not UTF-8 (kept as given).
+Key = str | bytes
 
 #: (fresh_until_ms, ((tag counter key, generation bytes), ...), negative)
 Meta = tuple[int, tuple[tuple[str, bytes], ...], bool]
@@ -132,6 +142,17 @@ class CachedCallError(ShmCacheError):
 
 def _rand_gen() -> int:
     return int.from_bytes(os.urandom(6), "little")
+
+
+def _warn_user(msg: str) -> None:
+    """``warnings.warn`` attributed to the first caller outside this package (the
+    user's call of a cached function), however deep the miss path is."""
+    f = sys._getframe(1)
+    level = 2
+    while f is not None and f.f_code.co_filename.startswith(_PKG_DIR):
+        f = f.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(msg, RuntimeWarning, stacklevel=level)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,18 +205,21 @@ class Cache:
         self._use_l0 = cfg.object_cache
         # FIFO-bounded; OrderedDict because popping a plain dict's oldest key gets
         # slower with every deletion (iteration skips the dead slots at its front).
-        self._l0: OrderedDict[str, L0Entry] = OrderedDict()
+        self._l0: OrderedDict[Key, L0Entry] = OrderedDict()
         self._l0_max = max(1, cfg.object_cache_size)
         # A counted hit validated by version, without copying the value (direct call).
-        self._hv: Callable[[str], tuple[int, int] | None] = self.segment.hit_version
-        self._sget: Callable[[str], bytes | None] = self.segment.get
-        self._sget_info: Callable[[str], tuple[bytes, int, int] | None] = \
+        self._hv: Callable[[Key], tuple[int, int] | None] = self.segment.hit_version
+        self._sget: Callable[[Key], bytes | None] = self.segment.get
+        self._sget_info: Callable[[Key], tuple[bytes, int, int] | None] = \
             self.segment.get_info
         self._l0get: Callable[[Any, str, Any, bytearray], Any] = self.segment.l0_get
         self._counters = Counters()
-        self._functions: dict[str, tuple[Counters, str]] = {}
+        # Decorated functions by key prefix / statistics name: (counters, the function
+        # (weakly, so functions made and dropped at run time do not pile up here)).
+        self._functions: dict[str, tuple[Counters, Callable[[], Any]]] = {}
+        self._reg_lock = threading.Lock()
+        self._decode_logged: set[Key] = set()
         self._rate = RateWindow(cfg.stats_window)
-        self._executor_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -221,7 +245,7 @@ class Cache:
 
     # -- internals: versions, entries ------------------------------------------------
 
-    def _read(self, key: str) -> tuple[bytes, int, int] | None:
+    def _read(self, key: Key) -> tuple[bytes, int, int] | None:
         """(value bytes, flags, version) of one consistent read, or None on a miss."""
         got = self._sget_info(key)
         return None if got is None else (got[0], got[2], got[1])
@@ -282,14 +306,14 @@ class Cache:
             return STALE
         return FRESH
 
-    def _l0_put(self, key: str, entry: L0Entry) -> None:
+    def _l0_put(self, key: Key, entry: L0Entry) -> None:
         l0 = self._l0
         if len(l0) >= self._l0_max:
             with contextlib.suppress(KeyError):
                 l0.popitem(last=False)  # oldest inserted first: FIFO bound
         l0[key] = entry
 
-    def _lookup(self, key: str, c: Counters, use_l0: bool,
+    def _lookup(self, key: Key, c: Counters, use_l0: bool,
                 negative: bool = False) -> tuple[int, Any]:
         """(FRESH|STALE, value) or (MISS, None).  A fresh negative entry raises its
         exception when ``negative`` (decorated calls), else counts as a miss."""
@@ -312,7 +336,11 @@ class Cache:
             c.misses += 1
             return MISS, None
         raw, flags, version = got
-        value, meta = self._decode(raw, flags)
+        try:
+            value, meta = self._decode(raw, flags)
+        except Exception as e:  # noqa: BLE001 - any undecodable entry is a miss
+            self._undecodable(key, flags, version, e, c)
+            return MISS, None
         st = FRESH if meta is None else self._check_meta(meta)
         if not st:
             c.misses += 1
@@ -321,6 +349,26 @@ class Cache:
             self._l0_put(key, (version, value, meta))
         c.l1_hits += 1
         return self._result(st, value, meta, c, negative)
+
+    def _undecodable(self, key: Key, flags: int, version: int, exc: Exception,
+                     c: Counters) -> None:
+        """An entry this process cannot decode (its class was renamed by a deploy, an
+        unknown serializer id, lz4 not installed here): count it, log it once per key
+        (never the value), and drop exactly that entry so it is recomputed."""
+        c.misses += 1
+        c.errors += 1
+        c.decode_errors += 1
+        self._l0.pop(key, None)
+        with contextlib.suppress(ShmCacheError):  # replaced meanwhile: not ours to drop
+            self.segment.delete(key, expect_version=version)
+        logged = self._decode_logged
+        if key not in logged:
+            if len(logged) >= 4096:
+                logged.clear()
+            logged.add(key)
+            _log.warning("shmcache: cannot decode the entry %r (flags %#06x): %s: %s; "
+                         "dropped it and treating it as a miss", key, flags,
+                         type(exc).__name__, str(exc)[:200])
 
     @staticmethod
     def _result(st: int, value: Any, meta: Meta | None, c: Counters,
@@ -342,19 +390,35 @@ class Cache:
             out.append((tk, gen))
         return tuple(out)
 
-    def _ns_key(self, namespace: str, key: str) -> str:
+    def _ns_prefix(self, namespace: str) -> str:
         nk = shorten(_NS_PREFIX + namespace, self.max_key_len)
         gen = self._sget(nk)
         if gen is None:
             gen = str(self.segment.incr(nk, 0, initial=_rand_gen())).encode()
-        return f"{namespace}@{gen.decode()}:{key}"
+        return f"{namespace}@{gen.decode()}:"
 
-    def _full_key(self, key: str | bytes, namespace: str | None) -> str:
-        k = key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key
-        if not isinstance(k, str):
+    @overload
+    def _full_key(self, key: str, namespace: str | None) -> str: ...
+
+    @overload
+    def _full_key(self, key: str | bytes, namespace: str | None) -> Key: ...
+
+    def _full_key(self, key: str | bytes, namespace: str | None) -> Key:
+        # UTF-8 bytes and the str they spell are one key; other bytes stay bytes (the
+        # segment takes them as they are, and no str key can equal them).
+        k: Key
+        if isinstance(key, str):
+            k = key
+        elif isinstance(key, bytes):
+            try:
+                k = key.decode("utf-8")
+            except UnicodeDecodeError:
+                k = key
+        else:
             raise TypeError(f"cache keys are str or bytes, not {type(key).__name__}")
         if namespace is not None:
-            k = self._ns_key(namespace, k)
+            ns = self._ns_prefix(namespace)
+            k = ns + k if isinstance(k, str) else ns.encode() + k
         if len(k) > self._short_limit:
             k = shorten(k, self.max_key_len)
         return k
@@ -362,7 +426,7 @@ class Cache:
     def _ttl(self, ttl: float | None | _Unset) -> float | None:
         return self.config.default_ttl if isinstance(ttl, _Unset) else ttl
 
-    def _store(self, key: str, value: Any, ttl: float | None, *,
+    def _store(self, key: Key, value: Any, ttl: float | None, *,
                tags: tuple[tuple[str, bytes], ...] = (), stale: float | None = None,
                negative: bool = False, ser: Serializer | None = None,
                codec: Codec | None | _Unset = _UNSET, mode: str = "set",
@@ -386,7 +450,7 @@ class Cache:
             ver = seg.set(key, data, engine_ttl, flags=flags)
         if ver is not None and use_l0 and self._use_l0:
             self._l0_put(key, (ver, value, meta))
-        elif ver is None:
+        else:
             self._l0.pop(key, None)
         return ver
 
@@ -414,7 +478,10 @@ class Cache:
 
         ``tags`` make it go away with :meth:`invalidate_tags`; ``serializer`` and
         ``compression`` override the configuration for this entry (the choice is
-        recorded in the entry, so any reader decodes it).
+        recorded in the entry, so any reader decodes it).  The object cache does not
+        keep ``value`` itself: the next :meth:`get` decodes the stored bytes, so this
+        process sees what every other process sees (a JSON tuple reads back as a list;
+        mutating ``value`` afterwards changes nothing cached).
 
         >>> cache = Cache(CacheConfig(name="doc-set", c_memory_size_mb=8))
         >>> cache.set("cfg", {"debug": True}, ttl=30, tags=["config"], serializer="json")
@@ -426,7 +493,8 @@ class Cache:
         self._store(self._full_key(key, namespace), value, self._ttl(ttl),
                     tags=self._tag_snapshot(tags) if tags else (),
                     ser=get_serializer(serializer) if serializer is not None else None,
-                    codec=_UNSET if compression is None else _codec_for(compression))
+                    codec=_UNSET if compression is None else _codec_for(compression),
+                    use_l0=False)
 
     def add(self, key: str | bytes, value: Any, ttl: float | None | _Unset = _UNSET, *,
             tags: Iterable[str] = (), namespace: str | None = None) -> bool:
@@ -440,7 +508,7 @@ class Cache:
         self._counters.sets += 1
         return self._store(self._full_key(key, namespace), value, self._ttl(ttl),
                            tags=self._tag_snapshot(tags) if tags else (),
-                           mode="add") is not None
+                           mode="add", use_l0=False) is not None
 
     def delete(self, key: str | bytes, *, namespace: str | None = None) -> bool:
         """Remove the key in every process; True if it was present."""
@@ -451,8 +519,26 @@ class Cache:
 
     def touch(self, key: str | bytes, ttl: float | None | _Unset = _UNSET, *,
               namespace: str | None = None) -> bool:
-        """Give the key a new TTL; False if absent."""
-        return self.segment.touch(self._full_key(key, namespace), self._ttl(ttl))
+        """Give the key a new TTL (default ``config.default_ttl``; ``ttl=None``
+        removes its expiry); False if absent.  Without ``ttl`` and without a
+        ``default_ttl`` there is no TTL to give: ``ValueError`` (rather than silently
+        making the entry immortal).
+
+        >>> cache = Cache(CacheConfig(name="doc-touch", c_memory_size_mb=8))
+        >>> cache.set("k", 1, ttl=5)
+        >>> cache.touch("k", 60), cache.touch("nope", 60)
+        (True, False)
+        >>> cache.touch("k")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: touch('k') without ttl needs config.default_ttl; ...
+        >>> cache.close(); cache.unlink()
+        """
+        t = self._ttl(ttl)
+        if t is None and isinstance(ttl, _Unset):
+            raise ValueError(f"touch({key!r}) without ttl needs config.default_ttl; "
+                             f"pass ttl=None to remove the expiry")
+        return self.segment.touch(self._full_key(key, namespace), t)
 
     def incr(self, key: str | bytes, delta: int = 1, *, initial: int = 0,
              ttl: float | None = None, namespace: str | None = None) -> int:
@@ -469,7 +555,10 @@ class Cache:
                                  ttl=ttl)
 
     def contains(self, key: str | bytes, *, namespace: str | None = None) -> bool:
-        """True if the key is present (does not deserialize it, not counted as a hit)."""
+        """True if the segment holds the key: it does not decode the entry and is not
+        counted as a hit, so it is also True for an entry that :meth:`get` treats as a
+        miss (tag-invalidated, a cached exception, one it cannot decode) or that is
+        stale (past ``ttl`` within ``stale_while_revalidate``)."""
         return self.segment.contains(self._full_key(key, namespace))
 
     __contains__ = contains
@@ -590,6 +679,7 @@ class Cache:
                stampede: bool = True,
                wait_timeout: float | None = None,
                ignore_self: bool = False,
+               name: str | None = None,
                ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
         """Cache a function's results in the shared segment.
 
@@ -605,7 +695,20 @@ class Cache:
         object on every hit (for callers that mutate results).  ``cache_none=False``
         does not store ``None``; ``cache_errors`` exceptions are cached for
         ``negative_ttl`` seconds and re-raised.  ``ignore_self`` leaves ``self`` out of
-        method keys (otherwise it needs a ``__cache_key__()``).
+        method keys (otherwise it needs a ``__cache_key__()``).  ``name`` replaces the
+        qualified name as the key prefix and the statistics name: functions made by one
+        factory share a qualified name, and decorating a second one on the same
+        ``Cache`` raises ``TypeError`` unless each has its own ``name`` (or a
+        ``key_builder``).  Decorating the same function object again is fine.
+
+        On a miss the computed object itself is kept in this process's object cache
+        and returned by later hits here (like ``functools.lru_cache``; other processes
+        get a decoded copy): do not mutate results, or pass ``copy=True``.  A segment
+        that is full (or locked past ``lock_timeout``) never fails a call: the result is
+        computed and returned without the lease or without being stored, counted in
+        ``store_errors`` with a ``RuntimeWarning``.  An entry that cannot be decoded
+        (its class was renamed, lz4 is missing here) is a miss: it is dropped, logged
+        once per key on the ``shmcache.cache`` logger and recomputed.
 
         The result has ``.key(*args)``, ``.invalidate(*args)``, ``.refresh(*args)``
         (recompute and store) and ``.bypass(*args)`` (call without the cache).
@@ -631,7 +734,7 @@ class Cache:
             cache_errors=tuple(cache_errors), negative_ttl=negative_ttl,
             stampede=stampede,
             wait_timeout=self.config.wait_timeout if wait_timeout is None else wait_timeout,
-            ignore_self=ignore_self)
+            ignore_self=ignore_self, name=name)
         if opts.stale is not None and opts.ttl is None:
             raise ValueError("stale_while_revalidate needs a ttl")
 
@@ -642,14 +745,21 @@ class Cache:
 
     # -- warming ---------------------------------------------------------------------
 
+    def _fresh(self, key: str) -> bool:
+        """A real lookup (not counted): a tag-invalidated, stale, negative or
+        undecodable entry is not fresh, so :meth:`warm` reloads it."""
+        st, _ = self._lookup(self._full_key(key, None), Counters(), self._use_l0)
+        return st == FRESH
+
     def warm(self, items: Iterable[tuple[str, Callable[[], Any]]], *, concurrency: int = 4,
              force: bool = False, ttl: float | None | _Unset = _UNSET,
              tags: Iterable[str] = (), progress: bool = False) -> WarmReport:
         """Load ``(key, loader)`` pairs with ``concurrency`` threads.
 
-        Keys already present are skipped unless ``force``; a failing loader is recorded
-        in the report and does not stop the others; ``progress`` shows a tqdm bar if
-        tqdm is installed, else a line on stderr.
+        Keys holding a fresh value (what :meth:`get` would return) are skipped unless
+        ``force``; tag-invalidated, stale and undecodable entries are reloaded.  A
+        failing loader is recorded in the report and does not stop the others;
+        ``progress`` shows a tqdm bar if tqdm is installed, else a line on stderr.
 
         >>> cache = Cache(CacheConfig(name="doc-warm", c_memory_size_mb=8))
         >>> r = cache.warm([("a", lambda: 1), ("b", lambda: 1 / 0)])
@@ -665,7 +775,7 @@ class Cache:
 
         def one(key: str, loader: Callable[[], Any]) -> None:
             try:
-                if not force and self.contains(key):
+                if not force and self._fresh(key):
                     with lock:
                         report.skipped.append(key)
                     return
@@ -707,7 +817,7 @@ class Cache:
         async def one(key: str, loader: Callable[[], Any]) -> None:
             async with sem:
                 try:
-                    if not force and self.contains(key):
+                    if not force and self._fresh(key):
                         report.skipped.append(key)
                         return
                     value = loader()
@@ -738,13 +848,15 @@ class Cache:
         """
         total = Counters()
         funcs: dict[str, FunctionStats] = {}
-        for name, (c, _) in list(self._functions.items()):
+        with self._reg_lock:
+            self._prune_functions()
+            regs = list(self._functions.items())
+        for name, (c, _) in regs:
             funcs[name] = FunctionStats(name, c.l0_hits + c.l1_hits, c.misses, c.computes,
                                         c.compute_seconds, c.waits, c.stale_serves,
-                                        c.errors)
-        for c in [self._counters] + [c for c, _ in self._functions.values()]:
-            for f in Counters.FIELDS:
-                setattr(total, f, getattr(total, f) + getattr(c, f))
+                                        c.errors, c.decode_errors, c.store_errors)
+        for c in [self._counters] + [c for _, (c, _) in regs]:
+            total.add(c)
         seg = self.segment.stats()
         hits = total.l0_hits + total.l1_hits
         return CacheStatistics(
@@ -759,16 +871,66 @@ class Cache:
             segment_hit_ratio=seg.hit_ratio, ops_per_second=self._rate.rate(total.ops),
             stampede_waits=total.waits, stale_serves=total.stale_serves,
             lease_breaks=total.lease_breaks, wait_timeouts=total.wait_timeouts,
-            functions=funcs)
+            functions=funcs, decode_errors=total.decode_errors,
+            store_errors=total.store_errors)
 
-    def _register(self, name: str) -> Counters:
-        n, i = name, 1
-        while n in self._functions:  # two functions of one qualname (redefinition)
-            i += 1
-            n = f"{name}#{i}"
-        c = Counters()
-        self._functions[n] = (c, name)
-        return c
+    def _prune_functions(self) -> None:
+        """Forget functions that no longer exist (their figures stay in the totals)."""
+        for name, (c, ref) in list(self._functions.items()):
+            if ref() is None:
+                del self._functions[name]
+                self._counters.add(c)
+
+    def _register(self, name: str, fn: Any, keyed: bool) -> tuple[str, Counters]:
+        """The statistics name and counters of a newly decorated ``fn`` whose keys
+        start with ``name``.  Raises ``TypeError`` if another live function already
+        uses that prefix (functions made by one factory share a qualified name, so
+        they would share -- and return each other's -- results)."""
+        with self._reg_lock:
+            self._prune_functions()
+            reg = self._functions.get(name)
+            if reg is not None and reg[1]() is not None and reg[1]() is not fn:
+                gc.collect()  # a dropped one may only be waiting for the collector
+                self._prune_functions()
+                reg = self._functions.get(name)
+            other = None if reg is None else reg[1]()
+            try:
+                ref: Callable[[], Any] = weakref.ref(fn)
+            except TypeError:
+                ref = functools.partial(lambda f: f, fn)
+            if other is None:
+                c = Counters()
+                self._functions[name] = (c, ref)
+                return name, c
+            if other is fn:  # decorated again: the same keys, the same figures
+                return name, reg[0] if reg is not None else Counters()
+            if "<locals>" not in getattr(fn, "__qualname__", "<locals>") and \
+                    _same_definition(other, fn):
+                # A module-level function defined again (a reload, a notebook cell run
+                # twice): the old one is unreachable by its name; like a redeploy, the
+                # new definition takes over its keys.
+                self._functions[name] = (reg[0] if reg is not None else Counters(), ref)
+                return name, self._functions[name][0]
+            if keyed:  # key_builder makes the keys; only the statistics name is shared
+                i = 2
+                while f"{name}#{i}" in self._functions:
+                    i += 1
+                c = Counters()
+                self._functions[f"{name}#{i}"] = (c, ref)
+                return f"{name}#{i}", c
+            raise TypeError(
+                f"cache.cached(): {qualified_name(fn)} would share its cache keys with "
+                f"another live function already decorated on this Cache under the name "
+                f"{name!r} (functions made by one factory share a qualified name), so "
+                f"each would return the other's results; pass name='...' (a distinct "
+                f"key prefix per function, e.g. name=f\"get-{{table}}\") or "
+                f"key_builder=... to cached()")
+
+
+def _same_definition(a: Any, b: Any) -> bool:
+    """True if ``b`` is ``a`` defined again (same module and qualified name)."""
+    return (getattr(a, "__module__", None) == getattr(b, "__module__", None)
+            and getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None))
 
 
 def _codec_for(compression: bool | str) -> Codec | None:
@@ -829,6 +991,7 @@ class _Options:
     stampede: bool
     wait_timeout: float
     ignore_self: bool
+    name: str | None = None
 
 
 class CachedFunction(Generic[P, R]):
@@ -851,19 +1014,20 @@ class CachedFunction(Generic[P, R]):
         self._cache = cache
         self._o = opts
         self._async = inspect.iscoroutinefunction(raw)
-        self._name = qualified_name(raw)
+        self._name = opts.name if opts.name is not None else qualified_name(raw)
         self._prefix = self._name + "|"
         try:
             self._params = tuple(inspect.signature(raw).parameters)
         except (TypeError, ValueError):
             self._params = ()
-        self._counters = cache._register(self._name)
+        self._stats_name, self._counters = cache._register(
+            self._name, raw, opts.key_builder is not None)
         self._counters_t = (self._counters,)  # Cache totals sum the functions
         self._static_tags = (tuple(opts.tags) if not callable(opts.tags) else ()) + opts.events
         self._simple = (opts.key_builder is None and opts.namespace is None
                         and not opts.ignore_self)
         self._hotpath: tuple[str, Callable[[Any, str, Any, bytearray], Any],
-                             dict[str, L0Entry], bytearray] | None = (
+                             dict[Key, L0Entry], bytearray] | None = (
             (self._prefix, cache._l0get, cache._l0, self._counters.l0_fast)
             if self._simple and opts.use_l0 and not self._async else None)
 
@@ -925,7 +1089,11 @@ class CachedFunction(Generic[P, R]):
                     return v
         if self._async:
             return cast(R, self._acall(args, kwargs))
-        key = self._key(args, kwargs)
+        try:
+            key = self._key(args, kwargs)
+        except STORE_ERRORS as e:  # the namespace counter could not be created
+            self._store_failed(e, "namespace")
+            return cast(R, self._fn(*args, **kwargs))
         st, found = self._cache._lookup(key, self._counters, self._o.use_l0, True)
         if st == FRESH:
             return cast(R, found)
@@ -933,7 +1101,11 @@ class CachedFunction(Generic[P, R]):
         return cast(R, stampede.run_sync(flow, key, lambda: self._fn(*args, **kwargs)))
 
     async def _acall(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        key = self._key(args, kwargs)
+        try:
+            key = self._key(args, kwargs)
+        except STORE_ERRORS as e:  # the namespace counter could not be created
+            self._store_failed(e, "namespace")
+            return await self._fn(*args, **kwargs)
         st, v = self._cache._lookup(key, self._counters, self._o.use_l0, True)
         if st == FRESH:
             return v
@@ -954,6 +1126,15 @@ class CachedFunction(Generic[P, R]):
         """Call the function without reading or writing the cache."""
         return cast(R, self._fn(*args, **kwargs))
 
+    def _store_failed(self, exc: BaseException, what: str) -> None:
+        """The segment could not take a write of a call (full, value too large, lock
+        timeout): count it and warn at the user's call; the call goes on uncached."""
+        c = self._counters
+        c.errors += 1
+        c.store_errors += 1
+        _warn_user(f"{self._name}: {what} not cached ({type(exc).__name__}: {exc}); "
+                   f"the call computed its result without the cache")
+
     def _flow(self, key: str, first: tuple[int, Any], args: tuple[Any, ...],
               kwargs: dict[str, Any], use_lease: bool | None = None) -> stampede.Flow:
         cache, o = self._cache, self._o
@@ -964,39 +1145,51 @@ class CachedFunction(Generic[P, R]):
         def lookup() -> tuple[int, Any]:
             return cache._lookup(key, scratch, o.use_l0, True)
 
-        def before() -> tuple[tuple[str, bytes], ...]:
+        def before() -> tuple[tuple[str, bytes], ...] | None:
+            """The tag generations (None: they could not be stored; do not cache)."""
             tags = self._static_tags
             if callable(o.tags):
                 tags = tuple(o.tags(*args, **kwargs)) + tags
-            return cache._tag_snapshot(tags) if tags else ()
+            if not tags:
+                return ()
+            try:
+                return cache._tag_snapshot(tags)
+            except STORE_ERRORS as e:
+                self._store_failed(e, "tag counter")
+                return None
 
-        def store(value: Any, tags: tuple[tuple[str, bytes], ...]) -> None:
-            if value is None and not o.cache_none:
+        def store(value: Any, tags: tuple[tuple[str, bytes], ...] | None) -> None:
+            if (value is None and not o.cache_none) or tags is None:
                 return
             try:
                 cache._store(key, value, o.ttl, tags=tags, stale=o.stale,
                              ser=o.serializer, codec=o.codec, use_l0=o.use_l0)
-            except (ValueTooLargeError, SegmentFullError) as e:
-                self._counters.errors += 1
-                warnings.warn(f"{self._name}: result not cached: {e}", stacklevel=4)
+            except STORE_ERRORS as e:
+                self._store_failed(e, "result")
             except TypeError as e:
                 raise TypeError(f"{self._name}: cannot cache its result: {e}") from e
 
-        def store_error(exc: BaseException, tags: tuple[tuple[str, bytes], ...]) -> None:
-            if not o.cache_errors or not isinstance(exc, o.cache_errors):
+        def store_error(exc: BaseException,
+                        tags: tuple[tuple[str, bytes], ...] | None) -> None:
+            if not o.cache_errors or not isinstance(exc, o.cache_errors) or tags is None:
                 return
             try:
                 pickle.dumps(exc, protocol=5)
                 err: BaseException = exc
             except Exception:  # noqa: BLE001 - unpicklable exception: store its text
                 err = CachedCallError(f"{type(exc).__name__}: {exc}")
-            with contextlib.suppress(ShmCacheError):
+            try:
                 cache._store(key, err, o.negative_ttl, tags=tags, negative=True,
                              ser=get_serializer("pickle"), use_l0=o.use_l0)
+            except STORE_ERRORS as e:
+                self._store_failed(e, "exception")
+            except ShmCacheError:
+                pass
 
         return stampede.single_flight(
             cache.segment, key, first=first, lookup=lookup, before=before, store=store,
-            store_error=store_error, counters=self._counters_t,
+            store_error=store_error, lease_failed=lambda e: self._store_failed(e, "lease"),
+            counters=self._counters_t,
             max_key_len=cache.max_key_len, lease_ttl=cfg.lease_ttl,
             wait_timeout=o.wait_timeout, poll_min=cfg.poll_min, poll_max=cfg.poll_max,
             stale_ok=o.stale is not None,

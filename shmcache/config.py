@@ -193,7 +193,11 @@ def _parse(var: str, fname: str, ftype: str, raw: str) -> Any:
         if ftype.startswith("int"):
             return int(raw)
         if ftype.startswith("float"):
-            return None if raw.lower() in ("", "none") else float(raw)
+            if raw.lower() in ("", "none"):
+                if "None" not in ftype:  # lease_ttl, wait_timeout, ...: a number
+                    raise ValueError(raw)
+                return None
+            return float(raw)
         return raw or None
     except ValueError as e:
         raise ValueError(f"environment variable {var}={raw!r}: "

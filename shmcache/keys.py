@@ -3,12 +3,17 @@
 A key must be the same in every worker process and after a restart, so it is built from
 the function's qualified name and a canonical text encoding of its arguments -- never
 from Python's ``hash()``, which is salted per process.  Only values whose encoding is
-stable are accepted: ``None``, bools, ints, floats, str, bytes, Enum members, classes and
-functions (by qualified name), ``datetime``/``date``/``time``/``UUID``/``Decimal``,
-tuples, lists, dicts, sets and frozensets of those, and any object with a
+stable are accepted: ``None``, bools, ints, floats, str, bytes, Enum members, classes,
+module-level functions and builtins (by qualified name), methods bound to a class,
+``datetime``/``date``/``time``/``UUID``/``Decimal``, tuples, lists, dicts, sets and
+frozensets of those (a subclass such as a namedtuple is keyed with its type's qualified
+name, so it never collides with a plain tuple), and any object with a
 ``__cache_key__()`` method returning one of those.  Anything else (a request, a DB
-session) raises :class:`UnkeyableArgumentError` naming the argument, so a cache key
-never silently depends on an object's ``id()``.
+session, a lambda, a closure, a method bound to an object, a ``functools.partial``)
+raises :class:`UnkeyableArgumentError` naming the argument, so a cache key never
+silently depends on an object's ``id()`` or collides with another object of one name.
+Classes are keyed by qualified name, so two classes a factory makes under one name
+share keys: give them a ``key_builder``.
 
 Keys longer than ``max_len`` keep their readable prefix and end with a BLAKE2b digest of
 the whole encoding.
@@ -26,9 +31,10 @@ import datetime
 import decimal
 import enum
 import hashlib
+import types
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any, Final, overload
 
 __all__ = ["UnkeyableArgumentError", "encode_arg", "function_key", "qualified_name",
            "shorten", "KEY_HINT"]
@@ -77,17 +83,49 @@ def _encode(v: Any, depth: int = 0) -> str:
         return f"{qualified_name(t)}<{_encode(ck(), depth + 1)}>"
     if isinstance(v, _REPR_TYPES):
         return repr(v)
-    if isinstance(v, type) or (callable(v) and hasattr(v, "__qualname__")
-                               and hasattr(v, "__module__") and not hasattr(v, "__self__")):
+    if isinstance(v, type):
         return "<" + qualified_name(v) + ">"
+    if callable(v):
+        return "<" + qualified_name(_keyable_callable(v)) + ">"
     if isinstance(v, (int, float, str, bytes)):  # subclasses: encode as the base value
         base: Any = next(b for b in (bool, int, float, str, bytes) if isinstance(v, b))
         return _encode(base(v), depth + 1)
-    if isinstance(v, (tuple, list)):
-        return _encode(list(v) if isinstance(v, list) else tuple(v), depth + 1)
+    # Subclasses of containers (namedtuples, ...) carry their type's name: A(1, 2),
+    # B(1, 2) and (1, 2) compare equal but a function may well tell them apart.
+    if isinstance(v, tuple):
+        return qualified_name(t) + _encode(tuple(v), depth + 1)
+    if isinstance(v, list):
+        return qualified_name(t) + _encode(list(v), depth + 1)
     if isinstance(v, (set, frozenset)):
-        return _encode(frozenset(v), depth + 1)
+        return qualified_name(t) + _encode(frozenset(v), depth + 1)
     raise UnkeyableArgumentError(type(v).__name__)
+
+
+def _keyable_callable(v: Any) -> Any:
+    """``v`` if it is a function that its qualified name identifies (a module-level
+    ``def`` or builtin, or a method bound to a class); else raise: two lambdas, two
+    closures of one factory or the same method bound to two objects share a qualified
+    name but not a behaviour, so keying them by name would return wrong results."""
+    self_ = getattr(v, "__self__", None)
+    if isinstance(v, types.MethodType):
+        if not isinstance(self_, type):
+            raise UnkeyableArgumentError("a method bound to an object (its result may "
+                                         "depend on the object)")
+        _keyable_callable(v.__func__)
+        return v
+    if isinstance(v, types.BuiltinFunctionType):
+        if self_ is None or isinstance(self_, (types.ModuleType, type)):
+            return v
+        raise UnkeyableArgumentError("a builtin method bound to an object")
+    if not isinstance(v, types.FunctionType):
+        raise UnkeyableArgumentError("a callable object without a stable identity")
+    qn = v.__qualname__
+    if "<lambda>" in qn:
+        raise UnkeyableArgumentError("a lambda (every lambda has the same name)")
+    if v.__closure__ is not None or "<locals>" in qn:
+        raise UnkeyableArgumentError("a closure or local function (functions made by "
+                                     "one factory share their name)")
+    return v
 
 
 def encode_arg(v: Any) -> str:
@@ -99,10 +137,19 @@ def encode_arg(v: Any) -> str:
     return _encode(v)
 
 
-def shorten(key: str, max_len: int) -> str:
+@overload
+def shorten(key: str, max_len: int) -> str: ...
+
+
+@overload
+def shorten(key: str | bytes, max_len: int) -> str | bytes: ...
+
+
+def shorten(key: str | bytes, max_len: int) -> str | bytes:
     """``key`` itself if it fits in ``max_len`` UTF-8 bytes, else its prefix plus a
-    BLAKE2b-128 digest of the whole (still deterministic and collision-resistant)."""
-    raw = key.encode("utf-8")
+    BLAKE2b-128 digest of the whole (still deterministic and collision-resistant).
+    A bytes key (not UTF-8) is digested as it is; its shortened form is a str."""
+    raw = key.encode("utf-8") if isinstance(key, str) else key
     if len(raw) <= max_len:
         return key
     digest = hashlib.blake2b(raw, digest_size=16).hexdigest()

@@ -14,6 +14,8 @@ attach it (forked workers, spawned ones, unrelated programs):
   (``delete`` with ``expect_version``, so only that exact lease is removed).
 * **Errors.** An owner whose computation raises releases its lease on the way out, so a
   waiter wakes on its next poll and computes (or finds a cached negative entry).
+* **Full segment.** If the lease cannot be stored (:data:`STORE_ERRORS`), the caller
+  computes without it (``lease_failed`` reports it) instead of failing the call.
 * **Re-entrancy.** A computation that asks for its own key again (same thread, same
   task) computes directly instead of waiting for itself; tracked in a ``ContextVar``,
   so threads and asyncio tasks each see only their own calls.
@@ -35,17 +37,23 @@ import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Final
 
+from .errors import LockTimeoutError, SegmentFullError, ValueTooLargeError
 from .keys import shorten
 from .segment import Segment
 from .stats import Counters
 
-__all__ = ["COMPUTE", "MISS", "FRESH", "STALE", "Flow", "lease_key", "acquire",
-           "release", "owner_alive", "single_flight", "run_sync", "run_async",
+__all__ = ["COMPUTE", "MISS", "FRESH", "STALE", "STORE_ERRORS", "Flow", "lease_key",
+           "acquire", "release", "owner_alive", "single_flight", "run_sync", "run_async",
            "computing"]
 
 MISS: Final = 0
 FRESH: Final = 1
 STALE: Final = 2
+
+#: Errors of a segment write that mean "could not store this now" (full even after
+#: eviction, a value over ``max_value_len``, a lock not taken in time): a cached call
+#: degrades to computing without the lease / without caching, it never fails on them.
+STORE_ERRORS: Final = (SegmentFullError, ValueTooLargeError, LockTimeoutError)
 
 
 class _Compute:
@@ -142,6 +150,7 @@ def single_flight(seg: Segment, key: str, *, first: tuple[int, Any],
                   before: Callable[[], Any],
                   store: Callable[[Any, Any], None],
                   store_error: Callable[[BaseException, Any], None],
+                  lease_failed: Callable[[BaseException], None],
                   counters: tuple[Counters, ...], max_key_len: int, lease_ttl: float,
                   wait_timeout: float, poll_min: float, poll_max: float,
                   stale_ok: bool, use_lease: bool = True) -> Flow:
@@ -159,7 +168,11 @@ def single_flight(seg: Segment, key: str, *, first: tuple[int, Any],
     deadline = 0.0
     delay = poll_min
     while True:
-        ver = acquire(seg, lkey, lease_ttl)
+        try:
+            ver = acquire(seg, lkey, lease_ttl)
+        except STORE_ERRORS as e:
+            lease_failed(e)
+            return (yield from _compute(key, before, store, store_error, counters))
         if ver is not None:
             try:
                 st, val = lookup()  # filled between our miss and the lease?

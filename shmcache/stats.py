@@ -25,12 +25,13 @@ class Counters:
 
     __slots__ = ("_l0_hits", "l0_fast", "l1_hits", "misses", "sets", "deletes", "computes",
                  "compute_seconds", "waits", "stale_serves", "lease_breaks",
-                 "wait_timeouts", "errors", "negative_hits")
+                 "wait_timeouts", "errors", "negative_hits", "decode_errors",
+                 "store_errors")
 
     # The figures that add up across counters (l0_hits is a property over two fields).
     FIELDS = ("l0_hits", "l1_hits", "misses", "sets", "deletes", "computes",
               "compute_seconds", "waits", "stale_serves", "lease_breaks", "wait_timeouts",
-              "errors", "negative_hits")
+              "errors", "negative_hits", "decode_errors", "store_errors")
 
     def __init__(self) -> None:
         self._l0_hits = 0
@@ -47,8 +48,17 @@ class Counters:
         self.stale_serves = 0
         self.lease_breaks = 0
         self.wait_timeouts = 0
+        # errors: every failure -- the function raised, an entry could not be decoded
+        # (decode_errors), a result or lease could not be stored (store_errors).
         self.errors = 0
         self.negative_hits = 0
+        self.decode_errors = 0
+        self.store_errors = 0
+
+    def add(self, other: Counters) -> None:
+        """Add ``other``'s figures to these."""
+        for f in Counters.FIELDS:
+            setattr(self, f, getattr(self, f) + getattr(other, f))
 
     @property
     def l0_hits(self) -> int:
@@ -78,7 +88,10 @@ class LevelStats:
 
 @dataclass(frozen=True, slots=True)
 class FunctionStats:
-    """Figures of one decorated function in this process."""
+    """Figures of one decorated function in this process.  ``errors`` counts every
+    failure: exceptions of the function, entries that could not be decoded
+    (``decode_errors``, each also a miss) and results, leases or tag counters that could
+    not be stored because the segment was full or locked (``store_errors``)."""
 
     name: str
     hits: int
@@ -88,6 +101,8 @@ class FunctionStats:
     waits: int
     stale_serves: int
     errors: int
+    decode_errors: int = 0
+    store_errors: int = 0
 
     @property
     def hit_ratio(self) -> float:
@@ -126,6 +141,11 @@ class CacheStatistics:
     lease_breaks: int
     wait_timeouts: int
     functions: dict[str, FunctionStats] = field(default_factory=dict)
+    #: Entries that could not be decoded here (counted as misses, dropped).
+    decode_errors: int = 0
+    #: Results, leases and tag counters a cached call could not store (segment full,
+    #: value too large, lock timeout): the call still returned its result.
+    store_errors: int = 0
 
 
 class RateWindow:

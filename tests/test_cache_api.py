@@ -304,3 +304,116 @@ def test_threads_and_event_loop_together(cache: Cache) -> None:
         t.join(60)
     assert not errors
     assert all(cache.incr(f"computes:{x}", 0) == 1 for x in range(20))
+
+
+# -- regressions -------------------------------------------------------------------------
+
+
+def test_set_does_not_keep_the_callers_object(cache: Cache, segname: str) -> None:
+    other = Cache(CacheConfig(name=segname, c_memory_size_mb=8))
+    try:
+        cache.set("t", (1, 2), serializer="json")
+        assert cache.get("t") == other.get("t") == [1, 2]  # what every process sees
+        d = {"a": 1}
+        cache.set("d", d)
+        d["a"] = 999  # mutating the caller's object afterwards changes nothing cached
+        assert cache.get("d") == other.get("d") == {"a": 1}
+        cache.set_many({"m": [1]})
+        got = cache.get("m")
+        assert got == [1] and cache.get("m") is got  # decoded once, then served from L0
+        e: list[int] = []
+        assert cache.add("e", e) and cache.get("e") is not e
+    finally:
+        other.close()
+
+
+def test_undecodable_entries_are_logged_dropped_misses(cache: Cache, monkeypatch: Any,
+                                                       caplog: pytest.LogCaptureFixture,
+                                                       ) -> None:
+    import logging
+
+    from shmcache import serializers
+    caplog.set_level(logging.WARNING, logger="shmcache.cache")
+    cache.segment.set("unknown-ser", b"s3cr3t", flags=0x000E)  # no serializer 14 here
+    for _ in range(2):
+        assert cache.get("unknown-ser", MISSING) is MISSING
+    assert "unknown-ser" not in cache  # dropped, so a recompute can replace it
+    cache.set("lz", "x" * 10_000, compression="lz4")
+    cache._l0.clear()
+    monkeypatch.setitem(serializers._CODECS, 1, None)  # this reader has no lz4
+    assert cache.get("lz", "dflt") == "dflt"
+    st = cache.get_statistics()
+    assert st.decode_errors == 2 and st.misses == 3
+    recs = [r for r in caplog.records if r.name == "shmcache.cache"]
+    assert len(recs) == 2 and "ValueError" in recs[0].getMessage()
+    assert "ImportError" in recs[1].getMessage() and "lz4" in recs[1].getMessage()
+    assert not any("s3cr3t" in r.getMessage() or "xxxx" in r.getMessage() for r in recs)
+
+    @cache.cached(ttl=60, key_builder=lambda: "unknown-ser")
+    def recompute() -> str:
+        return "fresh"
+
+    cache.segment.set("unknown-ser", b"s3cr3t", flags=0x000E)
+    assert recompute() == "fresh" and recompute() == "fresh"
+    assert cache.get_statistics().functions[recompute._stats_name].computes == 1
+
+
+def test_warm_reloads_tag_invalidated_stale_and_negative_entries(cache: Cache) -> None:
+    from shmcache.serializers import get_serializer
+    cache.set("tagged", "old", tags=["T"])
+    cache.invalidate_tags("T")
+    assert cache.contains("tagged") and cache.get("tagged", MISSING) is MISSING
+    # A stale entry (its soft expiry is long past, the engine keeps it 60 s more).
+    data, flags = cache._encode("old", get_serializer("pickle"), None, (1, (), False))
+    cache.segment.set("stale", data, 60, flags=flags)
+    cache.set("fresh", "old")
+    r = cache.warm([("tagged", lambda: "new"), ("stale", lambda: "new"),
+                    ("fresh", lambda: "new")])
+    assert sorted(r.loaded) == ["stale", "tagged"] and r.skipped == ["fresh"]
+    assert cache.get("tagged") == cache.get("stale") == "new"
+    assert cache.get("fresh") == "old"
+    cache.set("tagged2", "old", tags=["T"])
+    cache.invalidate_tags("T")
+    cache._store("negative", KeyError("x"), 60, negative=True, ser=get_serializer("pickle"))
+    assert cache.contains("negative") and cache.get("negative", MISSING) is MISSING
+    r = asyncio.run(cache.awarm([("tagged2", lambda: "newer"), ("negative", lambda: 1),
+                                 ("fresh", lambda: "newer")]))
+    assert sorted(r.loaded) == ["negative", "tagged2"] and r.skipped == ["fresh"]
+    assert cache.get("tagged2") == "newer" and cache.get("negative") == 1
+
+
+def test_bytes_keys_round_trip(cache: Cache) -> None:
+    for k in (b"\xff\xfe", b"\x80" * 400, b"caf\xc3\xa9"):
+        cache.set(k, k)
+        assert cache.get(k) == k and k in cache
+        cache.set(k, "ns", namespace="n")
+        assert cache.get(k, namespace="n") == "ns"
+        assert cache.delete(k) is True and cache.get(k, MISSING) is MISSING
+    cache.set(b"plain", 1)
+    assert cache.get("plain") == 1  # UTF-8 bytes and their str are one key
+    assert cache.get(b"\xff", MISSING) is MISSING and cache.get("\xff", MISSING) is MISSING
+
+
+def test_touch_without_ttl_needs_a_default(segname: str) -> None:
+    with Cache(CacheConfig(name=segname, c_memory_size_mb=8)) as c:
+        c.set("k", 1, ttl=100)
+        with pytest.raises(ValueError, match="default_ttl"):
+            c.touch("k")
+        info = c.segment.info("k")
+        assert info is not None and info.expires_at is not None  # still expires
+        assert c.touch("k", None) is True
+        info = c.segment.info("k")
+        assert info is not None and info.expires_at is None  # explicitly immortal
+    with Cache(CacheConfig(name=segname, c_memory_size_mb=8, default_ttl=50)) as c:
+        c.set("k", 1, ttl=None)
+        assert c.touch("k") is True
+        info = c.segment.info("k")
+        assert info is not None and info.expires_at is not None
+
+
+def test_small_api_edges() -> None:
+    assert str(MISSING) == repr(MISSING) == "MISSING"
+    for var in ("SHMCACHE_LEASE_TTL", "SHMCACHE_WAIT_TIMEOUT"):
+        with pytest.raises(ValueError, match=var):
+            CacheConfig.from_env({var: "none"})
+    assert CacheConfig.from_env({"SHMCACHE_DEFAULT_TTL": "none"}).default_ttl is None

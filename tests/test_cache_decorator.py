@@ -360,6 +360,22 @@ def test_signatures_survive_mypy_strict(tmp_path: Path) -> None:
             def m(self, x: str) -> float:
                 return 1.0
 
+        class Tools:
+            @staticmethod
+            @cache.cached(ttl=60)
+            def inner(x: int) -> int:
+                return x
+
+            @cache.cached(ttl=60)
+            @staticmethod
+            def outer(x: int) -> int:
+                return x
+
+        i1: int = Tools.inner(1)
+        i2: int = Tools.outer(1)  # (through an instance: not typed yet, see api.md)
+        Tools.inner("no")  # E: wrong argument type
+        Tools.outer("no")  # E: wrong argument type
+
         ok: dict[str, int] = get_user(1, full=True)
         k: str = get_user.key(1)
         f: float = Svc().m("x")
@@ -401,3 +417,224 @@ def test_hot_path_hits_are_counted_per_function_and_see_other_writers(cache: Cac
     cache.segment.set(square.key(3), raw, flags=flags)
     again = square(3)
     assert again == [9] and again is not first and calls == [3]
+
+
+# -- keys that used to collide --------------------------------------------------------
+
+
+def _module_level(v: int) -> int:
+    return v
+
+
+class _Shape:
+    @classmethod
+    def unit(cls) -> int:
+        return 1
+
+    def area(self) -> int:
+        return 1
+
+
+def test_callable_arguments_without_a_stable_identity_are_unkeyable(cache: Cache) -> None:
+    @cache.cached(ttl=60)
+    def apply(fn: Any, x: int) -> Any:
+        return fn(x)
+
+    def make_adder(n: int) -> Any:
+        def add(v: int) -> int:
+            return v + n
+        return add
+
+    def local(v: int) -> int:
+        return v
+
+    for bad in (lambda v: v + 1, make_adder(1), local, _Shape().area, [].append):
+        with pytest.raises(UnkeyableArgumentError) as ei:
+            apply(bad, 10)
+        msg = str(ei.value)
+        assert "'fn'" in msg and "key_builder" in msg, msg
+    with pytest.raises(UnkeyableArgumentError, match="lambda"):
+        apply.key(fn=lambda v: v)
+    # Functions a qualified name identifies stay keyable.
+    assert apply(_module_level, 3) == 3 and apply(abs, -3) == 3
+    assert "_Shape.unit>" in apply.key(_Shape.unit, 0)  # a method bound to a class
+    assert f"<{__name__}._module_level>" in apply.key(_module_level, 1)
+    assert apply.key(abs, 1) != apply.key(len, 1)
+
+
+def test_tuple_subclasses_do_not_collide_with_tuples(cache: Cache) -> None:
+    from collections import namedtuple
+    A = namedtuple("A", "x y")
+    B = namedtuple("B", "x y")
+
+    class L(list[int]):
+        pass
+
+    @cache.cached(ttl=60)
+    def kind(p: Any) -> str:
+        return type(p).__name__
+
+    assert (kind(A(1, 2)), kind(B(1, 2)), kind((1, 2))) == ("A", "B", "tuple")
+    assert kind(L([1])) == "L" and kind([1]) == "list"
+    assert len({kind.key(A(1, 2)), kind.key(B(1, 2)), kind.key((1, 2))}) == 3
+    assert kind.key(A(1, 2)) == kind.key(A(1, 2))
+
+
+# -- functions that share a qualified name --------------------------------------------
+
+
+def test_factory_functions_of_one_qualname_need_a_name(cache: Cache) -> None:
+    db = {"users": {1: "alice"}, "orders": {1: "order#1"}}
+
+    def make_getter(table: str, **kw: Any) -> Any:
+        @cache.cached(ttl=60, **kw)
+        def get(i: int) -> str:
+            return db[table][i]
+        return get
+
+    users = make_getter("users")
+    with pytest.raises(TypeError, match=r"name=.*key_builder"):
+        make_getter("orders")
+    users2 = make_getter("users2", name="getter-users2")
+    orders = make_getter("orders", name="getter-orders")
+    assert users(1) == "alice" and orders(1) == "order#1"
+    assert orders.key(1) == "getter-orders|1" and users2.key(1) == "getter-users2|1"
+    with pytest.raises(TypeError, match="name="):  # an explicit name is a prefix too
+        make_getter("users", name="getter-orders")
+    keyed = make_getter("orders", key_builder=lambda i: f"orders:{i}")
+    assert keyed(1) == "order#1"
+    fn_names = set(cache.get_statistics().functions)
+    assert {"getter-orders", "getter-users2"} <= fn_names
+    assert len(fn_names) == 4  # users, its key_builder twin (#2), and the two named ones
+    # Decorating the same function object again is fine: same keys, same figures.
+    def plain(i: int) -> int:
+        return i
+    a, b = cache.cached()(plain), cache.cached(ttl=5)(plain)
+    assert a(1) == 1 and b(1) == 1 and a.key(1) == b.key(1)
+
+
+def test_functions_made_and_dropped_do_not_pile_up(cache: Cache) -> None:
+    def handler(x: int) -> int:
+        @cache.cached(ttl=60)
+        def inner(y: int) -> int:
+            return y * 2
+        return inner(x)
+
+    for i in range(50):
+        assert handler(i) == 2 * i
+    st = cache.get_statistics()
+    assert len(cache._functions) <= 1
+    assert st.misses == 50  # the figures of dropped functions stay in the totals
+
+
+# -- a full segment degrades, never fails a call ---------------------------------------
+
+
+def _fill_with_pins(cache: Cache) -> list[Any]:
+    """Pin values until the segment has no chunk left even after eviction."""
+    from shmcache.errors import SegmentFullError
+    seg = cache.segment
+    mvl = int(seg.config()["max_value_len"])
+    pins: list[Any] = []
+    for size in (mvl - 100, 4000, 1000, 200, 50, 1):
+        while True:
+            k = f"fill{len(pins)}"
+            try:
+                seg.set(k, b"x" * size)
+            except SegmentFullError:
+                break
+            p = seg.pin(k)
+            assert p is not None
+            pins.append(p)
+    with pytest.raises(SegmentFullError):
+        seg.add("probe", b"1234:5678", 30)
+    return pins
+
+
+def test_full_segment_computes_without_lease_tags_or_store(segname: str) -> None:
+    import warnings
+    cache = Cache(CacheConfig(name=segname, c_memory_size_mb=1, compression=False))
+    calls: list[str] = []
+
+    @cache.cached(ttl=60)
+    def plain(x: int) -> int:
+        calls.append("plain")
+        return x + 1
+
+    @cache.cached(ttl=60, tags=["t"], invalidate_on=["e"])
+    def tagged(x: int) -> int:
+        calls.append("tagged")
+        return x + 2
+
+    @cache.cached(ttl=60, namespace="ns")
+    def spaced(x: int) -> int:
+        calls.append("spaced")
+        return x + 3
+
+    @cache.cached(ttl=60, cache_errors=(KeyError,), stampede=False)
+    def failing(x: int) -> int:
+        calls.append("failing")
+        raise KeyError(x)
+
+    @cache.cached(ttl=60)
+    async def coro(x: int) -> int:
+        calls.append("coro")
+        return x + 4
+
+    async def use_coro() -> int:
+        return await coro(1)
+
+    pins = _fill_with_pins(cache)
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            assert plain(1) == 2 and plain(1) == 2
+            assert tagged(1) == 3 and spaced(1) == 4
+            assert asyncio.run(use_coro()) == 5
+            with pytest.raises(KeyError):
+                failing(1)
+        assert calls == ["plain", "plain", "tagged", "spaced", "coro", "failing"]
+        assert w and all(issubclass(x.category, RuntimeWarning) for x in w)
+        # Attributed to the caller's line here, not to shmcache internals.
+        assert {x.filename for x in w} == {__file__}, [(x.filename, x.lineno) for x in w]
+        assert any("SegmentFullError" in str(x.message) for x in w)
+        st = cache.get_statistics()
+        assert st.store_errors >= 6 and st.functions[plain._stats_name].store_errors >= 2
+    finally:
+        for p in pins:
+            p.release()
+    cache.clear()
+    calls.clear()
+    assert plain(1) == 2 and plain(1) == 2 and tagged(1) == 3 and tagged(1) == 3
+    assert calls == ["plain", "tagged"]  # room again: cached as usual
+    cache.close()
+
+
+def test_store_errors_of_any_kind_degrade(cache: Cache, monkeypatch: Any) -> None:
+    import warnings
+
+    from shmcache.errors import LockTimeoutError, ValueTooLargeError
+
+    def timeout(*a: Any, **k: Any) -> Any:
+        raise LockTimeoutError("lock not taken in time")
+
+    @cache.cached(ttl=60)
+    def f(x: int) -> int:
+        return x
+
+    monkeypatch.setattr(cache.segment, "set", timeout)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert f(1) == 1
+    assert len(w) == 1 and w[0].filename == __file__ and "LockTimeoutError" in str(w[0].message)
+
+    def too_large(*a: Any, **k: Any) -> Any:
+        raise ValueTooLargeError("too large")
+
+    monkeypatch.setattr(cache.segment, "set", too_large)
+    monkeypatch.setattr(cache.segment, "add", timeout)  # the lease, too
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert f(2) == 2
+    assert {x.filename for x in w} == {__file__} and len(w) == 2
+    assert cache.get_statistics().store_errors == 3

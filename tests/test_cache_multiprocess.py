@@ -313,3 +313,52 @@ def test_emit_in_another_process_drops_registered_entries(segname: str) -> None:
         Child(_emit_child, segname).result()
         assert profile(1) == "p1"
         assert calls == [1, 1]
+
+
+# -- an entry another deploy wrote that this one cannot decode ---------------------------
+
+_DEPLOY = """
+import json, logging, sys
+from shmcache import Cache, CacheConfig
+logging.basicConfig(level=logging.WARNING, format="LOG %(name)s %(message)s",
+                    stream=sys.stdout)
+cache = Cache(CacheConfig(name=sys.argv[1], c_memory_size_mb=8))
+class {cls}:
+    def __init__(self, n):
+        self.n, self.secret = n, "s3cr3t-value"
+@cache.cached(ttl=600)
+def get_user(i):
+    return {cls}(i)
+first, second = get_user(1), get_user(1)
+st = cache.get_statistics()
+print(json.dumps({{"type": type(first).__name__, "same": second is first,
+                   "computes": st.functions[get_user._stats_name].computes,
+                   "decode_errors": st.decode_errors, "misses": st.misses}}))
+cache.close()
+"""
+
+
+def _deploy(name: str, cls: str) -> tuple[dict[str, Any], list[str]]:
+    import json
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", _DEPLOY.format(cls=cls), name],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    return json.loads(lines[-1]), [ln for ln in lines if ln.startswith("LOG ")]
+
+
+def test_entry_of_a_renamed_class_is_a_miss_in_the_new_deploy(segname: str) -> None:
+    with _cache(segname):
+        old, old_logs = _deploy(segname, "User")
+        assert old == {"type": "User", "same": True, "computes": 1, "decode_errors": 0,
+                       "misses": 1} and old_logs == []
+        new, logs = _deploy(segname, "Person")  # the class was renamed
+        assert new["type"] == "Person" and new["computes"] == 1
+        assert new["decode_errors"] == 1 and new["misses"] == 1
+        assert len(logs) == 1 and logs[0].startswith("LOG shmcache.cache")
+        assert "AttributeError" in logs[0] and "get_user|1" in logs[0]
+        assert "s3cr3t" not in logs[0]  # never the value
+        again, logs = _deploy(segname, "Person")  # the recomputed entry serves it now
+        assert again["computes"] == 0 and again["decode_errors"] == 0 and logs == []
