@@ -1,9 +1,11 @@
 # shmcache - every target does its own set-up, so `make test` / `make demo` work on a
 # fresh Debian machine (OS packages via apt-get, Python packages into .venv).
 #
-#   make test         lint + typecheck + C engine under ASan/UBSan + pytest
+#   make test         lint + typecheck + C engine under ASan/UBSan + pytest, plain and
+#                     against an ASan/UBSan build of the extension
 #   make demo         two processes sharing one segment (examples/two_processes.py)
 #   make test-native  only the C engine tests (build/test_engine)
+#   make test-asan-py the pytest suite against an ASan/UBSan build of the extension
 #   make lint         ruff + mypy --strict
 #   make bench        python benchmarks/run.py
 #   make clean        remove build products (keeps .venv; `make distclean` drops it too)
@@ -46,7 +48,8 @@ SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:strict_string_checks=1:d
 DEPS_STAMP   := $(VENV)/.stamp-deps
 NATIVE_STAMP := $(VENV)/.stamp-native
 
-.PHONY: all setup os-deps test lint ruff mypy test-native pytest demo bench clean distclean help
+.PHONY: all setup os-deps test lint ruff mypy test-native pytest test-asan-py demo bench clean \
+        distclean help
 
 all: test
 
@@ -108,6 +111,7 @@ test: setup
 	@$(MAKE) lint
 	@$(MAKE) test-native
 	@$(MAKE) pytest
+	@$(MAKE) test-asan-py
 	@echo ">> make test: all green"
 
 lint: ruff mypy
@@ -127,6 +131,23 @@ test-native: os-deps build/test_engine
 
 pytest: setup
 	timeout -k 30 $(PYTEST_TIMEOUT) $(VENV)/bin/pytest -q
+
+# The whole Python suite against the extension built with ASan/UBSan (SHMCACHE_SANITIZE),
+# so the direct-call entry points (native/py/fastpath.c) and every engine path the tests
+# reach run under the sanitizers too.  Built in a copy under build/ so the normal
+# extension in shmcache/ is untouched; python itself is not instrumented, hence the
+# preloaded runtime and no leak checking (the interpreter's own allocations).
+ASAN_PY := build/asan-py
+test-asan-py: setup
+	rm -rf $(ASAN_PY) && mkdir -p $(ASAN_PY)
+	cp -r shmcache native tests pyproject.toml $(ASAN_PY)/
+	rm -rf $(ASAN_PY)/shmcache/_native*.so $(ASAN_PY)/shmcache/__pycache__ $(ASAN_PY)/tests/__pycache__
+	cd $(ASAN_PY) && SHMCACHE_SANITIZE=1 $(CURDIR)/$(PY) native/build_ffi.py >build.log 2>&1 \
+	  || { cat build.log; exit 1; }
+	cd $(ASAN_PY) && LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  timeout -k 30 $(PYTEST_TIMEOUT) $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider tests
 
 # ---- demo / bench --------------------------------------------------------------------
 
