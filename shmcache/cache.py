@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import enum
 import functools
 import gc
@@ -56,7 +57,7 @@ import time
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import (
@@ -126,6 +127,8 @@ _EVENT_PREFIX: Final = "event:"
 _HDR: Final = struct.Struct("<qB")
 _PKG_DIR: Final = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _log = logging.getLogger("shmcache.cache")
+#: Threads of a Cache's pool of background refreshes (stale-while-revalidate).
+_REFRESH_WORKERS: Final = 4
 
 #: A key as the segment sees it: str, or bytes that are not UTF-8 (kept as given).
 Key = str | bytes
@@ -167,6 +170,24 @@ class WarmReport:
     @property
     def ok(self) -> bool:
         return not self.failed
+
+
+#: Every live Cache, so a forked child can reset their background-refresh state.
+_live_caches: weakref.WeakSet[Cache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The parent's refresh threads and tasks do not exist here, and its lock may have
+    # been held at the fork: start over (the pool is recreated on first use).
+    for c in list(_live_caches):
+        c._bg_lock = threading.Lock()
+        c._bg_pool = None
+        c._bg_futures = set()
+        c._bg_tasks = set()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Cache:
@@ -220,11 +241,31 @@ class Cache:
         self._reg_lock = threading.Lock()
         self._decode_logged: set[Key] = set()
         self._rate = RateWindow(cfg.stats_window)
+        #: Wall clock of soft expiry (stale-while-revalidate) only: ``fresh_until`` is
+        #: computed and checked with it; the engine's TTLs do not use it.  A test hook.
+        self._clock: Callable[[], float] = time.time
+        # Background refreshes (stale-while-revalidate): a pool for sync functions,
+        # created lazily per process (a forked child never uses its parent's), and
+        # tasks for async ones (held here until done: the loop keeps only weak refs).
+        self._bg_lock = threading.Lock()
+        self._bg_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._bg_pid = 0
+        self._bg_futures: set[concurrent.futures.Future[None]] = set()
+        self._bg_tasks: set[asyncio.Task[None]] = set()
+        _live_caches.add(self)
 
     # -- lifecycle -------------------------------------------------------------------
 
     def close(self) -> None:
-        """Drop the object cache and close the segment (if this cache opened it)."""
+        """Drop the object cache, shut the background refresh pool down (queued
+        refreshes are dropped and their leases released; running ones are waited for,
+        so none touches a closed segment) and close the segment (if this cache opened
+        it).  Refresh tasks of async functions belong to their event loop."""
+        with self._bg_lock:
+            pool, self._bg_pool = self._bg_pool, None
+            mine = self._bg_pid == os.getpid()
+        if pool is not None and mine:
+            pool.shutdown(wait=True, cancel_futures=True)
         self._l0.clear()
         if self._owns_segment:
             self.segment.close()
@@ -302,7 +343,7 @@ class Cache:
         for tk, gen in tags:
             if sget(tk) != gen:
                 return MISS
-        if fresh_until and time.time() * 1000 > fresh_until:
+        if fresh_until and self._clock() * 1000 > fresh_until:
             return STALE
         return FRESH
 
@@ -436,7 +477,7 @@ class Cache:
         if tags or stale or negative:
             fresh_until = 0
             if stale and ttl is not None:
-                fresh_until = int((time.time() + ttl) * 1000)
+                fresh_until = int((self._clock() + ttl) * 1000)
                 engine_ttl = ttl + stale
             meta = (fresh_until, tags, negative)
         data, flags = self._encode(value, ser or self._serializer,
@@ -453,6 +494,105 @@ class Cache:
         else:
             self._l0.pop(key, None)
         return ver
+
+    # -- internals: background refreshes (stale-while-revalidate) ---------------------
+
+    def _refresh_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        pid = os.getpid()
+        with self._bg_lock:
+            if self._bg_pool is None or self._bg_pid != pid:
+                # First use, after close(), or in a forked child (the parent's pool has
+                # no threads here: drop it without shutting it down).
+                self._bg_pool = concurrent.futures.ThreadPoolExecutor(
+                    _REFRESH_WORKERS, thread_name_prefix="shmcache-refresh")
+                self._bg_pid = pid
+                self._bg_futures = set()
+            return self._bg_pool
+
+    @staticmethod
+    def _refresh_context() -> contextvars.Context:
+        """The caller's context, minus the re-entrancy guard (the refresh is not part
+        of whatever computation the caller may be inside)."""
+        ctx = contextvars.copy_context()
+        ctx.run(stampede.computing.set, frozenset())
+        return ctx
+
+    def _spawn_sync(self, key: str, job: Callable[[], Any],
+                    abandon: Callable[[], None]) -> bool:
+        """Run ``job`` (a refresh holding the lease) on the pool; False if the pool
+        does not take it (shut down meanwhile), so the caller refreshes inline."""
+        ctx = self._refresh_context()
+        try:
+            fut: concurrent.futures.Future[None] = self._refresh_pool().submit(
+                ctx.run, self._run_refresh, key, job)
+        except RuntimeError:  # shut down by close() meanwhile, or interpreter exit
+            return False
+        with self._bg_lock:
+            self._bg_futures.add(fut)
+
+        def done(f: concurrent.futures.Future[None]) -> None:
+            if f.cancelled():  # dropped by close() before it ran: free its lease
+                abandon()
+            with self._bg_lock:
+                self._bg_futures.discard(f)
+
+        fut.add_done_callback(done)
+        return True
+
+    def _spawn_async(self, key: str, coro: Coroutine[Any, Any, Any],
+                     abandon: Callable[[], None]) -> bool:
+        """Run ``coro`` (a refresh holding the lease) as a task of the running loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: refresh inline
+            coro.close()
+            return False
+        task = self._refresh_context().run(loop.create_task,
+                                           self._arun_refresh(key, coro))
+        self._bg_tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._bg_tasks.discard(t)
+            if t.cancelled():  # maybe before it started: free the lease either way
+                coro.close()
+                abandon()
+
+        task.add_done_callback(done)
+        return True
+
+    def _run_refresh(self, key: str, job: Callable[[], Any]) -> None:
+        try:
+            job()
+        except Exception as e:  # noqa: BLE001 - counted by the flow; logged here
+            self._refresh_failed(key, e)
+
+    async def _arun_refresh(self, key: str, coro: Coroutine[Any, Any, Any]) -> None:
+        try:
+            await coro
+        except Exception as e:  # noqa: BLE001 - counted by the flow; logged here
+            self._refresh_failed(key, e)
+
+    @staticmethod
+    def _refresh_failed(key: str, exc: Exception) -> None:
+        # The exception's type only: its message may carry arguments or values.
+        _log.warning("shmcache: background refresh of %r failed (%s); its lease is "
+                     "released and the stale value is served until it expires",
+                     key, type(exc).__name__)
+
+    def _background_wait(self, timeout: float | None = None) -> bool:
+        """Wait for this process's background refreshes of sync functions queued or
+        running now; True if all finished within ``timeout`` (for tests and
+        shutdown)."""
+        with self._bg_lock:
+            pending = set(self._bg_futures) if self._bg_pid == os.getpid() else set()
+        _, not_done = concurrent.futures.wait(pending, timeout)
+        return not not_done
+
+    async def _abackground_wait(self) -> None:
+        """Await the background refresh tasks (async functions) pending now."""
+        tasks = set(self._bg_tasks)
+        if tasks:
+            await asyncio.wait(tasks)
 
     # -- the key/value API -----------------------------------------------------------
 
@@ -689,7 +829,12 @@ class Cache:
         miss one process computes while the others wait (``stampede``; at most
         ``wait_timeout`` seconds, then they compute themselves); with
         ``stale_while_revalidate=s`` an entry stays ``s`` seconds past ``ttl`` and is
-        served stale while one caller refreshes it.  ``tags`` (static, or a function
+        served stale meanwhile: every caller that finds it stale gets the stale value
+        at once, and the one that takes the lease starts a background refresh (a
+        thread of this cache's small pool for sync functions, an asyncio task for
+        async ones); a failed refresh is counted in ``errors``, logged on the
+        ``shmcache.cache`` logger, stores nothing and frees the lease, so the stale
+        value is served until it expires.  ``tags`` (static, or a function
         of the arguments) and ``invalidate_on`` events make entries go away with
         :meth:`invalidate_tags` / :meth:`emit`.  ``copy=True`` deserializes a fresh
         object on every hit (for callers that mutate results).  ``cache_none=False``
@@ -753,8 +898,21 @@ class Cache:
 
     def warm(self, items: Iterable[tuple[str, Callable[[], Any]]], *, concurrency: int = 4,
              force: bool = False, ttl: float | None | _Unset = _UNSET,
-             tags: Iterable[str] = (), progress: bool = False) -> WarmReport:
-        """Load ``(key, loader)`` pairs with ``concurrency`` threads.
+             tags: Iterable[str] = (), progress: bool = False) -> Any:
+        """Load ``(key, loader)`` pairs; returns a :class:`WarmReport`, or on a thread
+        running an event loop, an awaitable of it.
+
+        The rule is decided by the calling thread alone: if it has a running event
+        loop (``asyncio.get_running_loop()`` succeeds, i.e. ``warm`` is called from a
+        coroutine or from anything the loop runs), ``warm(...)`` does nothing yet and
+        returns ``awarm(...)`` with the same arguments -- a coroutine to ``await``
+        (``await cache.warm([...])``); loaders run on the loop and may return
+        awaitables.  Otherwise it loads synchronously with ``concurrency`` threads and
+        returns the report (loaders must not return awaitables there).  So sync code
+        that runs on an event loop's thread (a sync helper called from a coroutine)
+        gets a coroutine, not a report: it must call :meth:`awarm` and await it, or
+        run ``warm`` in an executor (``await loop.run_in_executor(None, lambda:
+        cache.warm(items))``).  The return type is ``Any`` for that reason.
 
         Keys holding a fresh value (what :meth:`get` would return) are skipped unless
         ``force``; tag-invalidated, stale and undecodable entries are reloaded.  A
@@ -767,6 +925,17 @@ class Cache:
         (['a'], ['b'])
         >>> cache.close(); cache.unlink()
         """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self._warm_sync(items, concurrency=concurrency, force=force, ttl=ttl,
+                                   tags=tags, progress=progress)
+        return self.awarm(items, concurrency=concurrency, force=force, ttl=ttl, tags=tags,
+                          progress=progress)
+
+    def _warm_sync(self, items: Iterable[tuple[str, Callable[[], Any]]], *,
+                   concurrency: int, force: bool, ttl: float | None | _Unset,
+                   tags: Iterable[str], progress: bool) -> WarmReport:
         pairs = list(items)
         report = WarmReport()
         bar = _Progress(len(pairs), progress)
@@ -804,9 +973,8 @@ class Cache:
                     ttl: float | None | _Unset = _UNSET, tags: Iterable[str] = (),
                     progress: bool = False) -> WarmReport:
         """Async :meth:`warm`: loaders may be sync or return awaitables; at most
-        ``concurrency`` run at once.
-
-        The seed's ``await cache.warm(...)`` is spelled ``await cache.awarm(...)``.
+        ``concurrency`` run at once.  ``await cache.warm(...)`` inside a coroutine is
+        this (see :meth:`warm`).
         """
         pairs = list(items)
         report = WarmReport()
@@ -1186,6 +1354,16 @@ class CachedFunction(Generic[P, R]):
             except ShmCacheError:
                 pass
 
+        def background(flow: stampede.Flow, abandon: Callable[[], None]) -> bool:
+            """Refresh a stale entry off the caller's path (it returns the stale value):
+            a task of the running loop for async functions, the pool for sync ones."""
+            if self._async:
+                return cache._spawn_async(key, stampede.run_async(
+                    flow, key, lambda: cast(Awaitable[Any], self._fn(*args, **kwargs))),
+                    abandon)
+            return cache._spawn_sync(key, functools.partial(
+                stampede.run_sync, flow, key, lambda: self._fn(*args, **kwargs)), abandon)
+
         return stampede.single_flight(
             cache.segment, key, first=first, lookup=lookup, before=before, store=store,
             store_error=store_error, lease_failed=lambda e: self._store_failed(e, "lease"),
@@ -1193,7 +1371,8 @@ class CachedFunction(Generic[P, R]):
             max_key_len=cache.max_key_len, lease_ttl=cfg.lease_ttl,
             wait_timeout=o.wait_timeout, poll_min=cfg.poll_min, poll_max=cfg.poll_max,
             stale_ok=o.stale is not None,
-            use_lease=o.stampede if use_lease is None else use_lease)
+            use_lease=o.stampede if use_lease is None else use_lease,
+            background=background if o.stale is not None else None)
 
     # -- binding ---------------------------------------------------------------------
 

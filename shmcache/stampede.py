@@ -9,6 +9,9 @@ attach it (forked workers, spawned ones, unrelated programs):
 * **Waiters** poll the result key with exponential backoff (``poll_min`` doubling up to
   ``poll_max``) for at most ``wait_timeout`` seconds, then compute themselves.  With
   ``stale_while_revalidate`` a waiter that found a stale value returns it at once.
+* **Stale-while-revalidate.** A caller that takes the lease of a stale entry returns
+  the stale value too and hands the lease to a background refresh (a flow the cache
+  drives on a thread pool or as an asyncio task) that computes, stores and releases it.
 * **Dead owners.** On every poll a waiter checks the lease's owner; a process that is
   gone, a zombie, or whose pid was reused (start time differs) loses its lease at once
   (``delete`` with ``expect_version``, so only that exact lease is removed).
@@ -32,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable, Generator
@@ -42,9 +46,9 @@ from .keys import shorten
 from .segment import Segment
 from .stats import Counters
 
-__all__ = ["COMPUTE", "MISS", "FRESH", "STALE", "STORE_ERRORS", "Flow", "lease_key",
-           "acquire", "release", "owner_alive", "single_flight", "run_sync", "run_async",
-           "computing"]
+__all__ = ["COMPUTE", "MISS", "FRESH", "STALE", "STORE_ERRORS", "Flow", "Background",
+           "lease_key", "acquire", "release", "owner_alive", "single_flight", "run_sync",
+           "run_async", "computing"]
 
 MISS: Final = 0
 FRESH: Final = 1
@@ -68,6 +72,8 @@ COMPUTE: Final = _Compute()
 #: A step of the flow: COMPUTE, or seconds to sleep.
 Step = _Compute | float
 Flow = Generator[Step, Any, Any]
+#: Schedules a background refresh flow: ``background(flow, abandon) -> scheduled``.
+Background = Callable[[Flow, Callable[[], None]], bool]
 
 _LEASE_PREFIX: Final = "__shmcache__:lease:"
 
@@ -153,13 +159,21 @@ def single_flight(seg: Segment, key: str, *, first: tuple[int, Any],
                   lease_failed: Callable[[BaseException], None],
                   counters: tuple[Counters, ...], max_key_len: int, lease_ttl: float,
                   wait_timeout: float, poll_min: float, poll_max: float,
-                  stale_ok: bool, use_lease: bool = True) -> Flow:
+                  stale_ok: bool, use_lease: bool = True,
+                  background: Background | None = None) -> Flow:
     """The miss path of a cached call, as a generator of steps.
 
     ``first`` is the ``(state, value)`` the caller's lookup found (MISS or STALE).
     ``before()`` runs just before computing and returns a context for ``store`` (the
     tag generations, read before the computation so an invalidation during it wins).
     The generator's return value is the result; exceptions propagate.
+
+    With ``stale_ok`` and ``background``, a caller that takes the lease of a STALE
+    entry returns the stale value and hands ``background(refresh, abandon)`` a flow
+    that computes, stores and releases the lease (:func:`_refresh`); ``background``
+    returns True once it has scheduled it (it must then drive it to its end, or call
+    ``abandon()`` -- which releases the lease -- if it never starts it), False to have
+    this caller refresh inline instead.
     """
     state, stale = first
     if not use_lease or key in computing.get():
@@ -174,13 +188,23 @@ def single_flight(seg: Segment, key: str, *, first: tuple[int, Any],
             lease_failed(e)
             return (yield from _compute(key, before, store, store_error, counters))
         if ver is not None:
+            handed = False
             try:
-                st, val = lookup()  # filled between our miss and the lease?
+                st, val = lookup()  # filled (or refreshed) between our miss and the lease?
                 if st == FRESH:
                     return val
+                if st == STALE and stale_ok and background is not None:
+                    # Serve the stale value now; the lease goes with the refresh.
+                    refresh = _refresh(seg, lkey, ver, key, before, store, counters)
+                    if background(refresh, functools.partial(release, seg, lkey, ver)):
+                        handed = True
+                        for c in counters:
+                            c.stale_serves += 1
+                        return val
                 return (yield from _compute(key, before, store, store_error, counters))
             finally:
-                release(seg, lkey, ver)
+                if not handed:
+                    release(seg, lkey, ver)
         if state == STALE and stale_ok:
             for c in counters:
                 c.stale_serves += 1
@@ -202,6 +226,31 @@ def single_flight(seg: Segment, key: str, *, first: tuple[int, Any],
         if st == STALE:
             state, stale = st, val
         _break_if_dead(seg, lkey, counters)  # gone or broken: the loop retries the lease
+
+
+def _refresh(seg: Segment, lkey: str, ver: int, key: str, before: Callable[[], Any],
+             store: Callable[[Any, Any], None], counters: tuple[Counters, ...]) -> Flow:
+    """A background refresh of a stale entry under our lease ``ver``: compute, store,
+    release.  A failure (of the function or of storing its result) is counted in
+    ``errors`` and raised to the driver; nothing is stored in its place (no negative
+    entry), so the stale value keeps being served until it expires."""
+
+    def store_counted(value: Any, ctx: Any) -> None:
+        try:
+            store(value, ctx)
+        except Exception:
+            for c in counters:
+                c.errors += 1
+            raise
+
+    try:
+        return (yield from _compute(key, before, store_counted, _no_store_error, counters))
+    finally:
+        release(seg, lkey, ver)
+
+
+def _no_store_error(exc: BaseException, ctx: Any) -> None:
+    pass
 
 
 def _compute(key: str, before: Callable[[], Any], store: Callable[[Any, Any], None],

@@ -21,6 +21,7 @@ from shmcache import (
     CacheStatistics,
     Segment,
     TierNotAvailableError,
+    WarmReport,
     register_serializer,
 )
 from shmcache.config import default_segment_name
@@ -247,6 +248,29 @@ def test_warm_skips_present_reports_failures(cache: Cache,
     assert cache.get("present") == "new" and "present" in r.loaded
     err = capsys.readouterr().err
     assert "warm" in err  # tqdm's bar or the plain stderr line
+
+
+def test_warm_awaited_in_a_coroutine_and_sync_elsewhere(cache: Cache) -> None:
+    async def load(n: int) -> int:
+        await asyncio.sleep(0)
+        return n
+
+    async def main() -> tuple[Any, Any]:
+        pending = cache.warm([("w1", lambda: 1), ("w2", lambda: load(2))])
+        assert asyncio.iscoroutine(pending)      # a running loop here: an awaitable
+        r1 = await pending
+        # Sync code on a loop's thread runs warm in an executor (no loop there).
+        loop = asyncio.get_running_loop()
+        r2 = await loop.run_in_executor(None, lambda: cache.warm([("w3", lambda: 3)]))
+        return r1, r2
+
+    r1, r2 = asyncio.run(main())
+    assert isinstance(r1, WarmReport) and sorted(r1.loaded) == ["w1", "w2"] and r1.ok
+    assert isinstance(r2, WarmReport) and r2.loaded == ["w3"]
+    r3 = cache.warm([("w1", lambda: 9), ("w4", lambda: 4)])  # no loop: the report
+    assert isinstance(r3, WarmReport)
+    assert r3.loaded == ["w4"] and r3.skipped == ["w1"]
+    assert cache.get_many(["w1", "w2", "w3", "w4"]) == {"w1": 1, "w2": 2, "w3": 3, "w4": 4}
 
 
 def test_awarm_with_async_loaders(cache: Cache) -> None:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import run_isolated
 
 from shmcache import MISSING, Cache, CacheConfig, CacheLevel, TierNotAvailableError
 from shmcache import stampede as sf
@@ -261,27 +263,260 @@ def test_negative_caching(cache: Cache) -> None:
     assert maybe(1) is None and maybe(1) is None and nones == [1, 1]
 
 
-def test_stale_while_revalidate(cache: Cache) -> None:
+def _soft_clock(cache: Cache) -> list[float]:
+    """Drive the soft expiry (``fresh_until``) of ``cache`` by hand: advance ``now[0]``
+    to make entries stale; the engine's TTLs keep running on real time."""
+    now = [time.time()]
+    cache._clock = lambda: now[0]
+    return now
+
+
+def test_stale_while_revalidate_waiters_get_the_stale_value(cache: Cache) -> None:
+    now = _soft_clock(cache)
     v = [0]
 
-    @cache.cached(ttl=0.05, stale_while_revalidate=60)
+    @cache.cached(ttl=60, stale_while_revalidate=3600)
     def slow(x: int) -> int:
         v[0] += 1
         return v[0]
 
     assert slow(1) == 1
-    deadline = time.time() + 0.1   # let the soft TTL pass (time, not synchronization)
-    while time.time() < deadline:
-        time.sleep(0.01)
+    now[0] += 61                                       # past ttl, within ttl + s
     # Another (live) process is refreshing: hold its lease, as it would.
     lkey = sf.lease_key(slow.key(1), cache.max_key_len)
     ver = sf.acquire(cache.segment, lkey, 30)
     assert ver is not None
     assert slow(1) == 1                               # stale value, at once
     assert cache.get_statistics().stale_serves == 1
+    assert v[0] == 1 and not cache._bg_futures         # no refresh of ours
+    # That process stores the refreshed value and lets go.
+    slow.refresh(1)
     sf.release(cache.segment, lkey, ver)
-    assert slow(1) == 2                               # we refresh now
-    assert slow(1) == 2
+    assert slow(1) == 2 and v[0] == 2
+
+
+def test_stale_while_revalidate_lone_sync_caller_refreshes_in_background(
+        cache: Cache) -> None:
+    now = _soft_clock(cache)
+    calls = [0]
+    started, gate = threading.Event(), threading.Event()
+
+    @cache.cached(ttl=60, stale_while_revalidate=3600)
+    def slow(x: int) -> int:
+        calls[0] += 1
+        if calls[0] > 1:
+            started.set()
+            assert gate.wait(60)
+        return calls[0]
+
+    assert slow(1) == 1
+    now[0] += 61
+    lkey = sf.lease_key(slow.key(1), cache.max_key_len)
+    assert slow(1) == 1                  # a lone caller: the stale value, at once ...
+    assert started.wait(60)              # ... while the refresh runs (blocked on gate)
+    assert sf.acquire(cache.segment, lkey, 30) is None   # the refresh holds the lease
+    assert slow(1) == 1                  # still stale; no second refresh
+    st = cache.get_statistics()
+    assert st.stale_serves == 2 and calls[0] == 2
+    gate.set()
+    assert cache._background_wait(60)
+    assert slow(1) == 2 and slow(1) == 2 and calls[0] == 2
+    fs = cache.get_statistics().functions[slow._stats_name]
+    assert (fs.computes, fs.errors, fs.stale_serves) == (2, 0, 2)
+    ver = sf.acquire(cache.segment, lkey, 30)            # the lease was released
+    assert ver is not None
+    sf.release(cache.segment, lkey, ver)
+
+
+def test_stale_while_revalidate_async_refreshes_in_a_task(cache: Cache) -> None:
+    now = _soft_clock(cache)
+    calls = [0]
+
+    async def main() -> None:
+        started, gate = asyncio.Event(), asyncio.Event()
+
+        @cache.cached(ttl=60, stale_while_revalidate=3600)
+        async def slow(x: int) -> int:
+            calls[0] += 1
+            if calls[0] > 1:
+                started.set()
+                await gate.wait()
+            return calls[0]
+
+        assert await slow(1) == 1
+        now[0] += 61
+        assert await slow(1) == 1            # stale, at once
+        await asyncio.wait_for(started.wait(), 60)
+        assert len(cache._bg_tasks) == 1     # held until done
+        assert await slow(1) == 1            # still stale while the task runs
+        assert calls[0] == 2
+        gate.set()
+        await asyncio.wait_for(cache._abackground_wait(), 60)
+        assert not cache._bg_tasks
+        assert await slow(1) == 2 and calls[0] == 2
+        lkey = sf.lease_key(slow.key(1), cache.max_key_len)
+        ver = sf.acquire(cache.segment, lkey, 30)
+        assert ver is not None
+        sf.release(cache.segment, lkey, ver)
+
+    asyncio.run(main())
+    assert cache.get_statistics().stale_serves == 2
+
+
+def test_stale_while_revalidate_failed_background_refresh(
+        cache: Cache, caplog: pytest.LogCaptureFixture) -> None:
+    now = _soft_clock(cache)
+    calls = [0]
+
+    # cache_errors too: a failed background refresh must not replace the stale value
+    # with a negative entry.
+    @cache.cached(ttl=60, stale_while_revalidate=3600, cache_errors=(RuntimeError,))
+    def flaky(x: int) -> int:
+        calls[0] += 1
+        if calls[0] > 1:
+            raise RuntimeError("secret-value-42")
+        return 7
+
+    assert flaky(1) == 7
+    now[0] += 61
+    with caplog.at_level("WARNING", logger="shmcache.cache"):
+        assert flaky(1) == 7
+        assert cache._background_wait(60)
+    fs = cache.get_statistics().functions[flaky._stats_name]
+    assert fs.errors == 1 and calls[0] == 2
+    assert "background refresh" in caplog.text and "RuntimeError" in caplog.text
+    assert "secret-value-42" not in caplog.text
+    lkey = sf.lease_key(flaky.key(1), cache.max_key_len)
+    ver = sf.acquire(cache.segment, lkey, 30)            # released: another can take it
+    assert ver is not None
+    assert flaky(1) == 7                                  # the lease is taken: stale
+    sf.release(cache.segment, lkey, ver)
+    assert flaky(1) == 7                                  # still the stale value ...
+    assert cache._background_wait(60)                     # ... and another try
+    fs = cache.get_statistics().functions[flaky._stats_name]
+    assert fs.errors == 2 and calls[0] == 3 and fs.stale_serves == 3
+
+
+def test_stale_while_revalidate_failed_async_refresh(cache: Cache) -> None:
+    now = _soft_clock(cache)
+    calls = [0]
+
+    async def main() -> None:
+        @cache.cached(ttl=60, stale_while_revalidate=3600)
+        async def flaky(x: int) -> int:
+            calls[0] += 1
+            if calls[0] > 1:
+                raise RuntimeError("boom")
+            return 7
+
+        assert await flaky(1) == 7
+        now[0] += 61
+        assert await flaky(1) == 7
+        await asyncio.wait_for(cache._abackground_wait(), 60)
+        assert cache.get_statistics().functions[flaky._stats_name].errors == 1
+        lkey = sf.lease_key(flaky.key(1), cache.max_key_len)
+        ver = sf.acquire(cache.segment, lkey, 30)
+        assert ver is not None
+        sf.release(cache.segment, lkey, ver)
+        assert await flaky(1) == 7
+
+    asyncio.run(main())
+
+
+def test_stale_close_shuts_the_refresh_pool_down(segname: str) -> None:
+    c = Cache(CacheConfig(name=segname, c_memory_size_mb=8))
+    now = _soft_clock(c)
+    gate = threading.Event()
+    calls = [0]
+
+    @c.cached(ttl=60, stale_while_revalidate=3600)
+    def f(x: int) -> int:
+        calls[0] += 1
+        if calls[0] > 1:
+            assert gate.wait(60)
+        return calls[0]
+
+    try:
+        assert f(1) == 1
+        now[0] += 61
+        assert f(1) == 1
+        pool = c._bg_pool
+        assert pool is not None
+        gate.set()
+    finally:
+        c.close()
+    assert c._bg_pool is None and calls[0] == 2   # close() waited for the refresh
+    with pytest.raises(RuntimeError):
+        pool.submit(int)
+
+
+def test_stale_close_drops_queued_refreshes_and_frees_their_leases(segname: str) -> None:
+    c = Cache(CacheConfig(name=segname, c_memory_size_mb=8))
+    now = _soft_clock(c)
+    gate = threading.Event()
+    started = {x: threading.Event() for x in range(5)}
+    calls: list[int] = []
+
+    @c.cached(ttl=60, stale_while_revalidate=3600)
+    def f(x: int) -> int:
+        calls.append(x)
+        if calls.count(x) > 1:
+            started[x].set()
+            assert gate.wait(60)
+        return x
+
+    try:
+        for x in range(5):
+            assert f(x) == x
+        now[0] += 61
+        for x in range(4):               # occupy every worker of the pool
+            assert f(x) == x
+            assert started[x].wait(60)
+        assert f(4) == 4                 # queued behind them
+        pool = c._bg_pool
+        assert pool is not None
+        lkey = sf.lease_key(f.key(4), c.max_key_len)
+        assert sf.acquire(c.segment, lkey, 30) is None
+        pool.shutdown(wait=False, cancel_futures=True)   # what close() does first
+        ver = sf.acquire(c.segment, lkey, 30)            # its lease was freed
+        assert ver is not None
+        sf.release(c.segment, lkey, ver)
+        gate.set()
+    finally:
+        gate.set()
+        c.close()
+    assert sorted(calls) == [0, 0, 1, 1, 2, 2, 3, 3, 4]  # 4 was never refreshed
+
+
+def _stale_refresh_in_forked_child(c: Cache, parent_pool: Any) -> int:
+    # Called on the parent's (inherited) Cache: must make a pool of its own.
+    @c.cached(ttl=60, stale_while_revalidate=3600, name="fork-child")
+    def g(x: int) -> int:
+        return os.getpid()
+
+    now = _soft_clock(c)
+    g(1)
+    now[0] += 61
+    assert g(1) != 0
+    assert c._background_wait(60)
+    assert c._bg_pool is not None and c._bg_pool is not parent_pool
+    assert g(1) == os.getpid()
+    return 1
+
+
+def test_stale_forked_child_does_not_use_the_parents_pool(cache: Cache) -> None:
+    now = _soft_clock(cache)
+
+    @cache.cached(ttl=60, stale_while_revalidate=3600)
+    def f(x: int) -> int:
+        return x
+
+    f(1)
+    now[0] += 61
+    f(1)
+    assert cache._background_wait(60)
+    assert cache._bg_pool is not None
+    assert run_isolated(_stale_refresh_in_forked_child, cache, cache._bg_pool) == 1
 
 
 def test_level_and_namespace_options(cache: Cache) -> None:
