@@ -398,10 +398,23 @@ item *slab_alloc(shm_cache *c, uint64_t total, int *err) {
     return it;
 }
 
+/* Take a class lock when no other segment lock is held: a lock its dead holder left
+ * behind is repaired first (the class's lists may be half-changed), then retaken. */
+static int class_lock_repaired(shm_cache *c, sclass *k) {
+    for (int attempt = 0;; attempt++) {
+        int r = lock_acquire(c, &k->lock, "size class");
+        if (r != LOCK_REPAIR) return r;
+        lock_release(&k->lock);
+        if (attempt >= 4)
+            return seg_err(SHM_ECORRUPT, "size class still inconsistent after repairs");
+        if ((r = seg_repair(c, 1)) < 0) return r;
+    }
+}
+
 /* Give back a reserved chunk that was never published (takes the class lock). */
 int slab_free_reserved(shm_cache *c, item *it) {
     sclass *k = &c->classes[it->cls <= c->nslab ? it->cls : 0];
-    int r = lock_acquire(c, &k->lock, "size class");
+    int r = class_lock_repaired(c, k);
     if (r < 0) return r;
     if ((it->state & IT_STATE_MASK) == IT_RESERVED) slab_free_locked(c, k, it);
     lock_release(&k->lock);
@@ -413,7 +426,7 @@ int slab_free_reserved(shm_cache *c, item *it) {
 int slab_trim(shm_cache *c) {
     for (uint32_t i = 0; i < c->nslab; i++) {
         sclass *k = &c->classes[i];
-        int r = lock_acquire(c, &k->lock, "size class");
+        int r = class_lock_repaired(c, k);
         if (r < 0) return r;
         uint32_t pi = k->partial;
         for (uint64_t steps = 0; pi && pi <= c->npages && steps <= c->npages; steps++) {

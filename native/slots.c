@@ -93,6 +93,9 @@ int slot_claim(shm_cache *c) {
     uint64_t start = my_starttime();
     c->pid = getpid();
     for (int attempt = 0; attempt < 2; attempt++) {
+        /* LOCK_REPAIR needs no unwinding here: a claim publishes `state` last, and the
+         * liveness mutex of a half-claimed slot comes back EOWNERDEAD to the next
+         * claimant.  The flag it set makes the next operation repair the rest. */
         int r = lock_acquire(c, &c->hdr->slot_lock, "slot table");
         if (r < 0) return r;
         r = claim_locked(c, start);

@@ -221,12 +221,11 @@ static void check_slab_page(shm_cache *c, uint64_t i, pagecheck *pc) {
     pc->pages[p->cls]++;
 }
 
+/* Runs under every segment lock: its scratch table lives on the stack (no malloc). */
 static void check_memory(shm_cache *c, vr *v) {
-    pagecheck *pc = calloc(1, sizeof *pc);
-    if (!pc) {
-        bad(v, "verify: out of memory");
-        return;
-    }
+    pagecheck pcs;
+    pagecheck *pc = &pcs;
+    memset(pc, 0, sizeof *pc);
     pc->v = v;
     for (uint64_t i = 0; i < c->npages;) {
         page *p = &c->pages[i];
@@ -264,7 +263,6 @@ static void check_memory(shm_cache *c, vr *v) {
             pi = c->pages[pi - 1].next;
         }
     }
-    free(pc);
 }
 
 static void check_pins(shm_cache *c, vr *v) {
