@@ -355,11 +355,16 @@ class Cache:
         l0[key] = entry
 
     def _lookup(self, key: Key, c: Counters, use_l0: bool,
-                negative: bool = False) -> tuple[int, Any]:
+                negative: bool = False, l0_checked: bool = False) -> tuple[int, Any]:
         """(FRESH|STALE, value) or (MISS, None).  A fresh negative entry raises its
-        exception when ``negative`` (decorated calls), else counts as a miss."""
+        exception when ``negative`` (decorated calls), else counts as a miss.
+        ``l0_checked``: the decorator's hot path already asked ``l0_get`` about this
+        key, which answers for every object-cache entry without metadata."""
         if use_l0:
             e = self._l0.get(key)
+            if e is not None and l0_checked and e[2] is None:
+                self._l0.pop(key, None)  # its version was just found changed
+                e = None
             if e is not None:
                 r = self._hv(key)
                 if r is not None and r[0] == e[0]:
@@ -1243,6 +1248,7 @@ class CachedFunction(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         hot = self._hotpath
+        hk: str | None = None
         if hot is not None and not kwargs and len(args) == 1:
             # The hot path, inlined (every call and attribute lookup here costs ~20-70
             # ns of a sub-microsecond hit): one int/str argument whose object is in the
@@ -1252,17 +1258,25 @@ class CachedFunction(Generic[P, R]):
             t = type(a)
             if t is int or t is str:
                 prefix, l0get, l0, hits = hot
-                v: R = l0get(l0, prefix + repr(a), _NOTFOUND, hits)
+                hk = prefix + repr(a)
+                v: R = l0get(l0, hk, _NOTFOUND, hits)
                 if v is not _NOTFOUND:
                     return v
         if self._async:
             return cast(R, self._acall(args, kwargs))
-        try:
-            key = self._key(args, kwargs)
-        except STORE_ERRORS as e:  # the namespace counter could not be created
-            self._store_failed(e, "namespace")
-            return cast(R, self._fn(*args, **kwargs))
-        st, found = self._cache._lookup(key, self._counters, self._o.use_l0, True)
+        # After a hot-path miss, its key is the one _key() would build (one int/str
+        # argument, no namespace) unless it is long enough to be shortened.
+        checked = hk is not None and len(hk) <= self._cache._short_limit
+        if checked:
+            key: str = cast(str, hk)
+        else:
+            try:
+                key = self._key(args, kwargs)
+            except STORE_ERRORS as e:  # the namespace counter could not be created
+                self._store_failed(e, "namespace")
+                return cast(R, self._fn(*args, **kwargs))
+        st, found = self._cache._lookup(key, self._counters, self._o.use_l0, True,
+                                        l0_checked=checked)
         if st == FRESH:
             return cast(R, found)
         flow = self._flow(key, (st, found), args, kwargs)
