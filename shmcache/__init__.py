@@ -40,7 +40,16 @@ __all__ = [
 ]
 
 # The Python cache API (cache.py and its modules).
-from .cache import MISSING, BoundCachedFunction, Cache, CachedCallError, CachedFunction, WarmReport
+from .cache import (
+    MISSING,
+    BoundCachedFunction,
+    Cache,
+    CachedCallError,
+    CachedClassMethod,
+    CacheDecorator,
+    CachedFunction,
+    WarmReport,
+)
 from .config import CacheConfig, CacheLevel, TierNotAvailableError, default_segment_name
 from .keys import UnkeyableArgumentError
 from .serializers import Serializer, register_serializer
@@ -48,7 +57,8 @@ from .stats import CacheStatistics, FunctionStats, LevelStats
 
 __all__ += [
     "Cache", "CacheConfig", "CacheLevel", "CachedFunction", "BoundCachedFunction",
-    "WarmReport", "MISSING", "CachedCallError", "TierNotAvailableError",
+    "WarmReport", "MISSING", "CachedCallError", "CacheDecorator", "CachedClassMethod",
+    "TierNotAvailableError",
     "default_segment_name", "UnkeyableArgumentError", "Serializer", "register_serializer",
     "CacheStatistics", "FunctionStats", "LevelStats",
 ]

@@ -66,6 +66,7 @@ from typing import (
     Final,
     Generic,
     ParamSpec,
+    Protocol,
     TypeVar,
     cast,
     overload,
@@ -91,13 +92,15 @@ from .serializers import (
 from .stampede import FRESH, MISS, STALE, STORE_ERRORS
 from .stats import CacheStatistics, Counters, FunctionStats, LevelStats, RateWindow
 
-__all__ = ["Cache", "CachedFunction", "BoundCachedFunction", "WarmReport", "MISSING",
+__all__ = ["Cache", "CachedFunction", "BoundCachedFunction", "CacheDecorator",
+           "CachedClassMethod", "WarmReport", "MISSING",
            "CachedCallError"]
 
 P = ParamSpec("P")
 P2 = ParamSpec("P2")
 R = TypeVar("R")
 S = TypeVar("S")
+S_contra = TypeVar("S_contra", contravariant=True)
 T = TypeVar("T")
 
 
@@ -825,7 +828,7 @@ class Cache:
                wait_timeout: float | None = None,
                ignore_self: bool = False,
                name: str | None = None,
-               ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
+               ) -> CacheDecorator:
         """Cache a function's results in the shared segment.
 
         Works on plain and ``async def`` functions, methods, static and class methods.
@@ -888,10 +891,7 @@ class Cache:
         if opts.stale is not None and opts.ttl is None:
             raise ValueError("stale_while_revalidate needs a ttl")
 
-        def decorate(fn: Callable[P, R]) -> CachedFunction[P, R]:
-            return CachedFunction(self, fn, opts)
-
-        return decorate
+        return CacheDecorator(self, opts)
 
     # -- warming ---------------------------------------------------------------------
 
@@ -1165,6 +1165,45 @@ class _Options:
     wait_timeout: float
     ignore_self: bool
     name: str | None = None
+
+
+class CacheDecorator:
+    """What :meth:`Cache.cached` returns: apply it to a function.
+
+    The overloads are for type checkers only (at run time both give a
+    :class:`CachedFunction`): a function whose first parameter is a class
+    (``def load(cls: type[X], ...)``, which is how mypy sees a ``@classmethod`` under
+    the decorator) is typed as a :class:`CachedClassMethod`, bound to its class on
+    every access; anything else keeps its exact signature as a
+    :class:`CachedFunction`.
+    """
+
+    __slots__ = ("_cache", "_opts")
+
+    def __init__(self, cache: Cache, opts: _Options) -> None:
+        self._cache = cache
+        self._opts = opts
+
+    @overload
+    def __call__(self, fn: Callable[Concatenate[type[S], P], R]
+                 ) -> CachedClassMethod[S, P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> CachedFunction[P, R]: ...
+
+    def __call__(self, fn: Any) -> Any:
+        return CachedFunction(self._cache, fn, self._opts)
+
+
+class CachedClassMethod(Protocol[S_contra, P, R]):
+    """The static type of ``@cache.cached()`` over ``@classmethod`` (a
+    :class:`CachedFunction` at run time): called on the class or an instance it binds
+    ``cls``, so ``Repo.load(1)`` and ``Repo.load.key(1)`` type-check."""
+
+    def __call__(self, cls: type[S_contra], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
+    def __get__(self, instance: Any, owner: type[Any] | None = None
+                ) -> BoundCachedFunction[P, R]: ...
 
 
 class CachedFunction(Generic[P, R]):
