@@ -1,0 +1,1 @@
+"""Settings and URLs of the Django project that tests shmcache's Django cache backend."""

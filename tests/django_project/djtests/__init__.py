@@ -1,0 +1,1 @@
+"""The Django-side tests of shmcache.contrib.django (run by ``manage test djtests``)."""
