@@ -25,7 +25,7 @@
 #include "shmcache.h"
 
 #define SEG_MAGIC          0x3148434143484d53ULL   /* "SMHCACH1" little-endian */
-#define SEG_LAYOUT_VERSION 1u
+#define SEG_LAYOUT_VERSION 2u  /* 2: journal records carry at_us */
 #define SEG_HEADER_BYTES   4096u
 #define CACHELINE          64u
 

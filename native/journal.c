@@ -8,6 +8,7 @@
  * never wraps: if it does not fit before the end, the tail end is skipped.
  */
 #include <stdio.h>
+#include <time.h>
 
 #include "internal.h"
 
@@ -65,6 +66,9 @@ void jr_append(shm_cache *c, uint32_t op, const char *key, uint32_t klen, uint64
         ADD_RLX(&j->dropped, 1);
         return;
     }
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    int64_t now_us = (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
     int r = lock_acquire(c, &j->lock, "journal");
     if (r < 0) {                 /* cannot log: the record is lost, and counted */
         ADD_RLX(&j->dropped, 1);
@@ -80,6 +84,7 @@ void jr_append(shm_cache *c, uint32_t op, const char *key, uint32_t klen, uint64
     shm_journal_record *rec = (shm_journal_record *)(c->jdata + j->head % c->jcap);
     rec->version = version;
     rec->expires_at_ms = expire_ms;
+    rec->at_us = now_us;
     rec->op = op;
     rec->key_len = klen;
     memcpy(rec + 1, key, klen);

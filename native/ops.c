@@ -291,6 +291,8 @@ static int set_abs(shm_cache *c, const char *key, uint32_t klen, const char *val
     if (UNLIKELY(vlen > c->max_value_len))
         return seg_err(SHM_EVALLEN, "value of %llu bytes exceeds max_value_len %llu",
                        (unsigned long long)vlen, (unsigned long long)c->max_value_len);
+    int journal = !(mode & SHM_NOJOURNAL);
+    mode &= ~SHM_NOJOURNAL;
     if (UNLIKELY(mode < SHM_SET || mode > SHM_REPLACE || flags > 0xffff || (vlen && !val)))
         return seg_err(SHM_EINVAL, "invalid write mode, flags or value");
     if ((r = repair_pending(c)) < 0) return r;
@@ -334,7 +336,7 @@ static int set_abs(shm_cache *c, const char *key, uint32_t klen, const char *val
         return r;
     }
     CTR(c, sets);
-    if (c->jcap) jr_append(c, SHM_JOP_SET, key, klen, ver, expire_ms);
+    if (c->jcap && journal) jr_append(c, SHM_JOP_SET, key, klen, ver, expire_ms);
     if (version_out) *version_out = ver;
     return 0;
 }
@@ -375,6 +377,11 @@ static int delete_once(shm_cache *c, const char *key, uint32_t klen, uint64_t h,
 }
 
 int shm_delete(shm_cache *c, const char *key, uint32_t klen, uint64_t expect_version) {
+    return shm_delete_ex(c, key, klen, expect_version, 0);
+}
+
+int shm_delete_ex(shm_cache *c, const char *key, uint32_t klen, uint64_t expect_version,
+                  int opts) {
     int r = check_key(c, key, klen);
     if (r < 0 || (r = repair_pending(c)) < 0) return r;
     uint64_t h = idx_hash(key, klen);
@@ -386,7 +393,8 @@ int shm_delete(shm_cache *c, const char *key, uint32_t klen, uint64_t expect_ver
     }
     if (r == 0) {
         CTR(c, deletes);
-        if (c->jcap) jr_append(c, SHM_JOP_DELETE, key, klen, seg_next_version(c), 0);
+        if (c->jcap && !(opts & SHM_NOJOURNAL))
+            jr_append(c, SHM_JOP_DELETE, key, klen, seg_next_version(c), 0);
     }
     return r;
 }
@@ -610,12 +618,23 @@ static int64_t sweep_all(shm_cache *c, uint64_t max, int all) {
     return total;
 }
 
-int shm_clear(shm_cache *c) {
+int shm_clear(shm_cache *c) { return shm_clear_ex(c, 0); }
+
+int shm_clear_ex(shm_cache *c, int opts) {
     int64_t n = sweep_all(c, 0, 1);
     if (n < 0) return (int)n;
     int r = slab_trim(c);
     if (r < 0) return r;
-    if (c->jcap) jr_append(c, SHM_JOP_CLEAR, "", 0, seg_next_version(c), 0);
+    if (c->jcap && !(opts & SHM_NOJOURNAL))
+        jr_append(c, SHM_JOP_CLEAR, "", 0, seg_next_version(c), 0);
+    return 0;
+}
+
+int shm_journal_note(shm_cache *c, uint32_t op, const char *key, uint32_t klen) {
+    if (op != SHM_JOP_DELETE) return seg_err(SHM_EINVAL, "only deletes can be noted");
+    int r = check_key(c, key, klen);
+    if (r < 0) return r;
+    if (c->jcap) jr_append(c, op, key, klen, seg_next_version(c), 0);
     return 0;
 }
 

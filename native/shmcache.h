@@ -49,6 +49,10 @@
 #define SHM_SET      0        /* insert or overwrite                             */
 #define SHM_ADD      1        /* insert only if absent (else SHM_EEXISTS)        */
 #define SHM_REPLACE  2        /* overwrite only if present (else SHM_MISS)       */
+/* OR'ed into shm_set's mode / shm_delete_ex's opts: leave no journal record.  For
+ * writes that come *from* the lower tiers (a promotion from Redis/disk, another
+ * host's invalidation): journaling them would send them straight back. */
+#define SHM_NOJOURNAL 0x100
 
 /* Journal operations (shm_journal_record.op). */
 #define SHM_JOP_SET     1
@@ -140,6 +144,8 @@ typedef struct shm_slot_stats {
 typedef struct shm_journal_record {
     uint64_t version;
     int64_t  expires_at_ms;
+    int64_t  at_us;             /* CLOCK_REALTIME of the write, microseconds:
+                                   orders writes from different hosts in L2      */
     uint32_t op;                /* SHM_JOP_*                                     */
     uint32_t key_len;           /* key bytes follow in the drain buffer          */
 } shm_journal_record;
@@ -182,6 +188,14 @@ int  shm_set(shm_cache *c, const char *key, uint32_t klen, const char *val, uint
              uint64_t *version_out);
 /* Delete; expect_version != 0 deletes only that version (SHM_EVERSION otherwise). */
 int  shm_delete(shm_cache *c, const char *key, uint32_t klen, uint64_t expect_version);
+/* Append a journal record for a delete of a key this segment does not hold (so the
+ * lower tiers and other hosts still drop it).  op: SHM_JOP_DELETE only. */
+int  shm_journal_note(shm_cache *c, uint32_t op, const char *key, uint32_t klen);
+/* shm_clear with opts (SHM_NOJOURNAL: another host's clear). */
+int  shm_clear_ex(shm_cache *c, int opts);
+/* shm_delete with opts (SHM_NOJOURNAL). */
+int  shm_delete_ex(shm_cache *c, const char *key, uint32_t klen, uint64_t expect_version,
+                   int opts);
 /* Set a new TTL (<= 0: no expiry) without changing the value; bumps the version. */
 int  shm_touch(shm_cache *c, const char *key, uint32_t klen, int64_t ttl_ms);
 /* Add delta to a decimal int64 counter.  Missing key: SHM_MISS unless create, in

@@ -76,6 +76,7 @@ from . import stampede
 from .config import CacheConfig, CacheLevel, TierNotAvailableError
 from .errors import ShmCacheError
 from .keys import UnkeyableArgumentError, function_key, qualified_name, shorten
+from .levels import F_NO_L2, F_NO_L3, LowerLevels
 from .segment import Segment, unlink_segment
 from .serializers import (
     COMP_MASK,
@@ -124,6 +125,9 @@ class _Unset(enum.Enum):
 
 _UNSET: Final = _Unset.UNSET
 
+_HOST_KEY: Final = "__shmcache__:host"
+#: Both lower levels excluded (a decorated function with level=C_MEMORY).
+_NO_LOWER: Final = F_NO_L2 | F_NO_L3
 _TAG_PREFIX: Final = "__shmcache__:tag:"
 _NS_PREFIX: Final = "__shmcache__:ns:"
 _EVENT_PREFIX: Final = "event:"
@@ -217,10 +221,23 @@ class Cache:
         cfg = config if config is not None else CacheConfig.from_env()
         cfg.check_levels()
         self.config = cfg
+        # L2/L3 (levels.py); None for a cache of the segment alone.
+        self._lower: LowerLevels | None = (
+            LowerLevels(cfg) if cfg.uses_redis or cfg.uses_disk else None)
+        behind = self._lower is not None and cfg.write_mode == "behind"
         self._owns_segment = segment is None
         self.segment = segment if segment is not None else Segment.open(
             cfg.segment_name, cfg.size_bytes, policy=cfg.policy,
-            max_key_len=cfg.max_key_len, on_incompatible=cfg.on_incompatible)
+            max_key_len=cfg.max_key_len, on_incompatible=cfg.on_incompatible,
+            journal_bytes=int(cfg.journal_mb * (1 << 20)) if behind else 0)
+        self._write_through = self._lower is not None and not behind
+        if behind and not self.segment.config()["journal_bytes"]:
+            # Made earlier by a process that did not ask for the lower levels.
+            _log.warning("shmcache: segment %s has no write journal; writing L2/L3 "
+                         "through instead of behind", self.segment.name)
+            self._write_through = True
+        self.host_id = self._host_id() if self._lower is not None else b""
+        self._sidecar: Any = None
         self.max_key_len = int(self.segment.config()["max_key_len"])
         self._short_limit = self.max_key_len // 4
         self._serializer = get_serializer(cfg.serializer)
@@ -256,6 +273,28 @@ class Cache:
         self._bg_futures: set[concurrent.futures.Future[None]] = set()
         self._bg_tasks: set[asyncio.Task[None]] = set()
         _live_caches.add(self)
+        if self._lower is not None and not self._write_through and cfg.sidecar == "auto":
+            self._sidecar = self.start_sidecar()
+
+    def _host_id(self) -> bytes:
+        """This host's identity in invalidation messages: 16 hex digits kept in the
+        segment, so every process of the host (and a restarted sidecar) shares it."""
+        for _ in range(3):
+            got = self.segment.get(_HOST_KEY)
+            if isinstance(got, bytes) and len(got) == 16:
+                return got
+            self.segment.add(_HOST_KEY, os.urandom(8).hex().encode(), journal=False)
+        raise ShmCacheError("could not establish the host id in the segment")
+
+    def start_sidecar(self, **options: Any) -> Any:
+        """Start the sidecar (sidecar.py) in a background thread of this process and
+        return its handle (``stop()``, ``is_leader``, ``stats()``).  A second sidecar
+        on the same segment -- in this process or another -- stands by until the
+        active one goes away.  ``options`` go to :class:`~shmcache.sidecar.Sidecar`."""
+        from .sidecar import Sidecar
+        sc = Sidecar(self, **options)
+        sc.start()
+        return sc
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -269,6 +308,11 @@ class Cache:
             mine = self._bg_pid == os.getpid()
         if pool is not None and mine:
             pool.shutdown(wait=True, cancel_futures=True)
+        sc, self._sidecar = self._sidecar, None
+        if sc is not None:
+            sc.stop()
+        if self._lower is not None:
+            self._lower.close()
         self._l0.clear()
         if self._owns_segment:
             self.segment.close()
@@ -342,7 +386,7 @@ class Cache:
     def _check_meta(self, meta: Meta) -> int:
         """FRESH, STALE, or MISS (a tag was invalidated since the entry was made)."""
         fresh_until, tags, _ = meta
-        sget = self._sget
+        sget = self._sget if self._lower is None else self._meta_get
         for tk, gen in tags:
             if sget(tk) != gen:
                 return MISS
@@ -357,8 +401,41 @@ class Cache:
                 l0.popitem(last=False)  # oldest inserted first: FIFO bound
         l0[key] = entry
 
+    def _promote(self, key: Key, mask: int = 0) -> tuple[bytes, int, int] | None:
+        """An L1 miss: look in L2/L3 and copy a hit into L1 with its remaining TTL
+        (no journal record: it came from below).  (bytes, flags, version) or None."""
+        assert self._lower is not None
+        kb = key.encode() if isinstance(key, str) else key
+        found = self._lower.fetch(kb, mask)
+        if found is None:
+            return None
+        sealed, _level = found
+        ttl = None if sealed.expires_at is None else sealed.expires_at - time.time()
+        if ttl is not None and ttl <= 0:
+            return None
+        try:
+            ver = self.segment.add(key, sealed.body, ttl, flags=sealed.flags, journal=False)
+        except STORE_ERRORS:
+            ver = None  # a full segment: serve it anyway, uncached in L1
+        if ver is None:  # written meanwhile by another process: that one is newer
+            got = self._sget_info(key)
+            if got is not None:
+                return got[0], got[2], got[1]
+            ver = 0
+        return sealed.body, sealed.flags, ver
+
+    def _meta_get(self, key: Key) -> bytes | None:
+        """A tag or namespace counter: L1, else the one the other hosts share below."""
+        v = self._sget(key)
+        if v is None and self._lower is not None:
+            got = self._promote(key)
+            if got is not None:
+                v = got[0]
+        return v
+
     def _lookup(self, key: Key, c: Counters, use_l0: bool,
-                negative: bool = False, l0_checked: bool = False) -> tuple[int, Any]:
+                negative: bool = False, l0_checked: bool = False,
+                lower_mask: int = 0) -> tuple[int, Any]:
         """(FRESH|STALE, value) or (MISS, None).  A fresh negative entry raises its
         exception when ``negative`` (decorated calls), else counts as a miss.
         ``l0_checked``: the decorator's hot path already asked ``l0_get`` about this
@@ -381,6 +458,10 @@ class Cache:
                         return self._result(st, e[1], meta, c, negative)
                 self._l0.pop(key, None)
         got = self._read(key)
+        below = False
+        if got is None and self._lower is not None and lower_mask != _NO_LOWER:
+            got = self._promote(key, lower_mask)
+            below = got is not None
         if got is None:
             c.misses += 1
             return MISS, None
@@ -394,9 +475,12 @@ class Cache:
         if not st:
             c.misses += 1
             return MISS, None
-        if use_l0:
+        if use_l0 and version:
             self._l0_put(key, (version, value, meta))
-        c.l1_hits += 1
+        if below:
+            c.lower_hits += 1
+        else:
+            c.l1_hits += 1
         return self._result(st, value, meta, c, negative)
 
     def _undecodable(self, key: Key, flags: int, version: int, exc: Exception,
@@ -433,17 +517,19 @@ class Cache:
         out = []
         for t in tags:
             tk = shorten(_TAG_PREFIX + t, self.max_key_len)
-            gen = self._sget(tk)
+            gen = self._sget(tk) if self._lower is None else self._meta_get(tk)
             if gen is None:
                 gen = str(self.segment.incr(tk, 0, initial=_rand_gen())).encode()
+                self._written(tk)
             out.append((tk, gen))
         return tuple(out)
 
     def _ns_prefix(self, namespace: str) -> str:
         nk = shorten(_NS_PREFIX + namespace, self.max_key_len)
-        gen = self._sget(nk)
+        gen = self._sget(nk) if self._lower is None else self._meta_get(nk)
         if gen is None:
             gen = str(self.segment.incr(nk, 0, initial=_rand_gen())).encode()
+            self._written(nk)
         return f"{namespace}@{gen.decode()}:"
 
     @overload
@@ -479,7 +565,7 @@ class Cache:
                tags: tuple[tuple[str, bytes], ...] = (), stale: float | None = None,
                negative: bool = False, ser: Serializer | None = None,
                codec: Codec | None | _Unset = _UNSET, mode: str = "set",
-               use_l0: bool = True) -> int | None:
+               use_l0: bool = True, lower_mask: int = 0) -> int | None:
         meta: Meta | None = None
         engine_ttl = ttl
         if tags or stale or negative:
@@ -490,6 +576,7 @@ class Cache:
             meta = (fresh_until, tags, negative)
         data, flags = self._encode(value, ser or self._serializer,
                                    self._codec if codec is _UNSET else codec, meta)
+        flags |= lower_mask & _NO_LOWER
         seg = self.segment
         if mode == "add":
             ver = seg.add(key, data, engine_ttl, flags=flags)
@@ -501,7 +588,35 @@ class Cache:
             self._l0_put(key, (ver, value, meta))
         else:
             self._l0.pop(key, None)
+        if ver is not None and self._write_through:
+            assert self._lower is not None
+            self._lower.write(key.encode() if isinstance(key, str) else key, data, flags,
+                              None if engine_ttl is None else time.time() + engine_ttl,
+                              self.host_id)
         return ver
+
+    def _written(self, key: Key) -> None:
+        """Write-through of a key the engine changed in place (incr, touch)."""
+        if not self._write_through:
+            return
+        assert self._lower is not None
+        got = self.segment.get_with_info(key)
+        if got is not None:
+            raw, info = got
+            self._lower.write(key.encode() if isinstance(key, str) else key, raw,
+                              info.flags, info.expires_at, self.host_id)
+
+    def _delete_key(self, key: Key) -> bool:
+        """Delete in L1 and make the lower levels and the other hosts follow."""
+        self._l0.pop(key, None)
+        found = self.segment.delete(key)
+        if self._lower is not None:
+            if self._write_through:
+                self._lower.delete(key.encode() if isinstance(key, str) else key,
+                                   self.host_id)
+            elif not found:  # not here, but maybe below or on another host
+                self.segment.journal_note_delete(key)
+        return found
 
     # -- internals: background refreshes (stale-while-revalidate) ---------------------
 
@@ -662,8 +777,7 @@ class Cache:
         """Remove the key in every process; True if it was present."""
         k = self._full_key(key, namespace)
         self._counters.deletes += 1
-        self._l0.pop(k, None)
-        return self.segment.delete(k)
+        return self._delete_key(k)
 
     def touch(self, key: str | bytes, ttl: float | None | _Unset = _UNSET, *,
               namespace: str | None = None) -> bool:
@@ -686,7 +800,11 @@ class Cache:
         if t is None and isinstance(ttl, _Unset):
             raise ValueError(f"touch({key!r}) without ttl needs config.default_ttl; "
                              f"pass ttl=None to remove the expiry")
-        return self.segment.touch(self._full_key(key, namespace), t)
+        k = self._full_key(key, namespace)
+        found = self.segment.touch(k, t)
+        if found:
+            self._written(k)
+        return found
 
     def incr(self, key: str | bytes, delta: int = 1, *, initial: int = 0,
              ttl: float | None = None, namespace: str | None = None) -> int:
@@ -699,8 +817,10 @@ class Cache:
         (1, 6, 6)
         >>> cache.close(); cache.unlink()
         """
-        return self.segment.incr(self._full_key(key, namespace), delta, initial=initial,
-                                 ttl=ttl)
+        k = self._full_key(key, namespace)
+        n = self.segment.incr(k, delta, initial=initial, ttl=ttl)
+        self._written(k)
+        return n
 
     def contains(self, key: str | bytes, *, namespace: str | None = None) -> bool:
         """True if the segment holds the key: it does not decode the entry and is not
@@ -734,6 +854,9 @@ class Cache:
         """Remove every entry of the segment (all processes), and this process's L0."""
         self._l0.clear()
         self.segment.clear()
+        if self._write_through:
+            assert self._lower is not None
+            self._lower.clear(self.host_id)
 
     # -- invalidation ----------------------------------------------------------------
 
@@ -748,13 +871,15 @@ class Cache:
         >>> cache.close(); cache.unlink()
         """
         for t in tags:
-            self.segment.incr(shorten(_TAG_PREFIX + t, self.max_key_len), 1,
-                              initial=_rand_gen())
+            tk = shorten(_TAG_PREFIX + t, self.max_key_len)
+            self.segment.incr(tk, 1, initial=_rand_gen())
+            self._written(tk)
 
     def invalidate_namespace(self, namespace: str) -> None:
         """Orphan every key of ``namespace`` (a version bump; no scan)."""
-        self.segment.incr(shorten(_NS_PREFIX + namespace, self.max_key_len), 1,
-                          initial=_rand_gen())
+        nk = shorten(_NS_PREFIX + namespace, self.max_key_len)
+        self.segment.incr(nk, 1, initial=_rand_gen())
+        self._written(nk)
 
     def emit(self, *events: str) -> None:
         """Drop everything registered with ``invalidate_on=`` for these events."""
@@ -874,9 +999,19 @@ class Cache:
         ({'id': 7}, 'user:7', True)
         >>> cache.close(); cache.unlink()
         """
+        lower_mask = 0
         if level is not None:
-            levels = (level,) if isinstance(level, CacheLevel) else tuple(level)
-            self.config.with_(levels=levels).check_levels()
+            levels = {level} if isinstance(level, CacheLevel) else set(level)
+            levels.add(CacheLevel.C_MEMORY)
+            extra = levels - set(self.config.levels)
+            if extra:
+                raise TierNotAvailableError(
+                    f"level {', '.join(lv.name for lv in extra)} is not configured for "
+                    f"this cache (levels={[lv.name for lv in self.config.levels]})")
+            if not levels & {CacheLevel.REDIS, CacheLevel.DISTRIBUTED}:
+                lower_mask |= F_NO_L2
+            if CacheLevel.DISK not in levels:
+                lower_mask |= F_NO_L3
         opts = _Options(
             ttl=self._ttl(ttl), key_builder=key_builder,
             codec=_UNSET if compression is None else _codec_for(compression),
@@ -887,7 +1022,7 @@ class Cache:
             cache_errors=tuple(cache_errors), negative_ttl=negative_ttl,
             stampede=stampede,
             wait_timeout=self.config.wait_timeout if wait_timeout is None else wait_timeout,
-            ignore_self=ignore_self, name=name)
+            ignore_self=ignore_self, name=name, lower_mask=lower_mask)
         if opts.stale is not None and opts.ttl is None:
             raise ValueError("stale_while_revalidate needs a ttl")
 
@@ -1031,12 +1166,19 @@ class Cache:
         for c in [self._counters] + [c for _, (c, _) in regs]:
             total.add(c)
         seg = self.segment.stats()
-        hits = total.l0_hits + total.l1_hits
+        hits = total.l0_hits + total.l1_hits + total.lower_hits
+        tiers = self._lower.stats() if self._lower is not None else {}
+        levels = {"L0": LevelStats(total.l0_hits,
+                                   total.l1_hits + total.lower_hits + total.misses),
+                  CacheLevel.C_MEMORY.name: LevelStats(total.l1_hits,
+                                                       total.lower_hits + total.misses)}
+        for name, t in tiers.items():
+            levels[name] = LevelStats(t["hits"], t["misses"])
+        from .sidecar import read_report
         return CacheStatistics(
             hits=hits, misses=total.misses,
             hit_ratio=hits / (hits + total.misses) if hits + total.misses else 0.0,
-            levels={"L0": LevelStats(total.l0_hits, total.l1_hits + total.misses),
-                    CacheLevel.C_MEMORY.name: LevelStats(total.l1_hits, total.misses)},
+            levels=levels,
             sets=total.sets, deletes=total.deletes,
             memory_usage_mb=seg.used_bytes / (1 << 20),
             memory_limit_mb=seg.size_bytes / (1 << 20),
@@ -1045,7 +1187,10 @@ class Cache:
             stampede_waits=total.waits, stale_serves=total.stale_serves,
             lease_breaks=total.lease_breaks, wait_timeouts=total.wait_timeouts,
             functions=funcs, decode_errors=total.decode_errors,
-            store_errors=total.store_errors)
+            store_errors=total.store_errors,
+            degraded_ops=sum(t["degraded"] for t in tiers.values()),
+            bad_seals=sum(t["bad_seals"] for t in tiers.values()),
+            tiers=tiers, sidecar=read_report(self.segment))
 
     def _prune_functions(self) -> None:
         """Forget functions that no longer exist (their figures stay in the totals)."""
@@ -1165,6 +1310,8 @@ class _Options:
     wait_timeout: float
     ignore_self: bool
     name: str | None = None
+    #: F_NO_L2 / F_NO_L3: levels this function's entries stay out of (``level=``).
+    lower_mask: int = 0
 
 
 class CacheDecorator:
@@ -1281,7 +1428,7 @@ class CachedFunction(Generic[P, R]):
         """Drop the cached result of this call, in every process; True if present."""
         k = self._key(args, kwargs)
         self._cache._l0.pop(k, None)
-        return self._cache.segment.delete(k)
+        return self._cache._delete_key(k)
 
     # -- calling ---------------------------------------------------------------------
 
@@ -1315,7 +1462,7 @@ class CachedFunction(Generic[P, R]):
                 self._store_failed(e, "namespace")
                 return cast(R, self._fn(*args, **kwargs))
         st, found = self._cache._lookup(key, self._counters, self._o.use_l0, True,
-                                        l0_checked=checked)
+                                        l0_checked=checked, lower_mask=self._o.lower_mask)
         if st == FRESH:
             return cast(R, found)
         flow = self._flow(key, (st, found), args, kwargs)
@@ -1327,7 +1474,8 @@ class CachedFunction(Generic[P, R]):
         except STORE_ERRORS as e:  # the namespace counter could not be created
             self._store_failed(e, "namespace")
             return await self._fn(*args, **kwargs)
-        st, v = self._cache._lookup(key, self._counters, self._o.use_l0, True)
+        st, v = self._cache._lookup(key, self._counters, self._o.use_l0, True,
+                                    lower_mask=self._o.lower_mask)
         if st == FRESH:
             return v
         flow = self._flow(key, (st, v), args, kwargs)
@@ -1364,7 +1512,7 @@ class CachedFunction(Generic[P, R]):
         scratch = Counters()  # re-checks and polls are not counted as misses
 
         def lookup() -> tuple[int, Any]:
-            return cache._lookup(key, scratch, o.use_l0, True)
+            return cache._lookup(key, scratch, o.use_l0, True, lower_mask=o.lower_mask)
 
         def before() -> tuple[tuple[str, bytes], ...] | None:
             """The tag generations (None: they could not be stored; do not cache)."""
@@ -1384,7 +1532,8 @@ class CachedFunction(Generic[P, R]):
                 return
             try:
                 cache._store(key, value, o.ttl, tags=tags, stale=o.stale,
-                             ser=o.serializer, codec=o.codec, use_l0=o.use_l0)
+                             ser=o.serializer, codec=o.codec, use_l0=o.use_l0,
+                             lower_mask=o.lower_mask)
             except STORE_ERRORS as e:
                 self._store_failed(e, "result")
             except TypeError as e:
@@ -1401,7 +1550,8 @@ class CachedFunction(Generic[P, R]):
                 err = CachedCallError(f"{type(exc).__name__}: {exc}")
             try:
                 cache._store(key, err, o.negative_ttl, tags=tags, negative=True,
-                             ser=get_serializer("pickle"), use_l0=o.use_l0)
+                             ser=get_serializer("pickle"), use_l0=o.use_l0,
+                             lower_mask=o.lower_mask | F_NO_L2 | F_NO_L3)
             except STORE_ERRORS as e:
                 self._store_failed(e, "exception")
             except ShmCacheError:

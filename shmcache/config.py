@@ -2,11 +2,10 @@
 
 ``CacheConfig`` is a plain frozen dataclass; ``CacheConfig.from_env()`` reads the same
 fields from ``SHMCACHE_*`` environment variables, which is what ``Cache()`` without an
-argument does.  The levels beyond the shared-memory L1 (``REDIS``, ``DISK``,
-``DISTRIBUTED``) belong to the Redis/disk tiers issue: their fields are accepted here so
-configurations written for them keep their shape, but a ``Cache`` refuses to start
-with them (:class:`TierNotAvailableError`) rather than silently running without the
-tier the operator asked for.
+argument does.  Levels: ``C_MEMORY`` (the shared segment, always), ``REDIS`` (L2, a
+server at ``redis_url`` or a cluster at ``redis_cluster_nodes``), ``DISTRIBUTED`` (L2 on
+Redis Cluster plus cross-host invalidation of L1) and ``DISK`` (L3, diskcache).
+Secrets (``secret``, ``redis_url``, ``redis_options``) never appear in ``repr()``.
 
 Example::
 
@@ -33,7 +32,8 @@ __all__ = ["CacheLevel", "CacheConfig", "TierNotAvailableError", "default_segmen
 
 
 class CacheLevel(enum.Enum):
-    """A tier of the cache.  Only ``C_MEMORY`` (the shared-memory segment) exists yet."""
+    """A tier of the cache: ``C_MEMORY`` (L1, the shared segment), ``REDIS`` (L2),
+    ``DISTRIBUTED`` (L2 on Redis Cluster + cross-host L1 invalidation), ``DISK`` (L3)."""
 
     C_MEMORY = "c_memory"
     REDIS = "redis"
@@ -41,8 +41,9 @@ class CacheLevel(enum.Enum):
     DISTRIBUTED = "distributed"
 
 
-class TierNotAvailableError(ShmCacheError, NotImplementedError):
-    """A configured cache level is not implemented yet (the Redis/disk tiers issue)."""
+class TierNotAvailableError(ShmCacheError, ValueError):
+    """A configured cache level cannot be used as configured (missing address, no
+    secret for pickled values on a shared level, C_MEMORY left out, ...)."""
 
 
 def default_segment_name(app: str | None = None) -> str:
@@ -82,7 +83,22 @@ class CacheConfig:
     computation longer than this lets a second process start), ``wait_timeout`` (how
     long a waiter polls before computing itself), ``poll_min``/``poll_max`` (backoff).
 
-    Later tiers: ``levels``, ``redis_url``, ``redis_cluster_nodes``, ``disk_path``.
+    Lower levels (``levels``): ``redis_url`` (``redis://``/``rediss://`` URL: auth,
+    TLS and database pass through to redis-py, as do ``redis_options``),
+    ``redis_cluster_nodes`` (``"host:port"`` seeds), ``redis_prefix`` (of every key and
+    of the invalidation channel), ``redis_timeout`` (seconds per operation; a slower
+    Redis is treated as down), ``disk_path`` (default
+    ``$XDG_CACHE_HOME/shmcache/<segment name>``, made 0700) and ``disk_size_mb``.
+    ``write_mode``: ``"behind"`` (default: the sidecar writes L2/L3 from the segment's
+    journal of ``journal_mb`` MiB) or ``"through"`` (the writing process does, at once).
+    ``sidecar``: ``"auto"`` starts one in a background thread of this process when it
+    is needed (a second one on the host stands by); ``"off"`` leaves it to the gunicorn
+    hook or ``shmcache sidecar``.
+
+    Security: values on Redis and disk are HMAC-signed with ``secret`` (or, for a
+    disk-only cache without one, a random key kept in the disk directory);
+    ``encrypt=True`` adds AES-GCM.  Pickled values are never written to Redis without
+    a secret; ``allow_unsigned=True`` allows unsigned JSON/msgpack/raw values there.
     """
 
     name: str | None = None
@@ -102,9 +118,19 @@ class CacheConfig:
     poll_min: float = 0.0005
     poll_max: float = 0.05
     stats_window: float = 60.0
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)
     redis_cluster_nodes: Sequence[str] = field(default_factory=tuple)
+    redis_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    redis_prefix: str = "shmcache:"
+    redis_timeout: float = 0.5
     disk_path: str | None = None
+    disk_size_mb: int = 1024
+    write_mode: str = "behind"
+    journal_mb: float = 4.0
+    sidecar: str = "auto"
+    secret: str | None = field(default=None, repr=False)
+    encrypt: bool = False
+    allow_unsigned: bool = False
 
     def __post_init__(self) -> None:
         levels = tuple(CacheLevel(lv) if not isinstance(lv, CacheLevel) else lv
@@ -122,6 +148,13 @@ class CacheConfig:
             raise ValueError("need 0 < poll_min <= poll_max")
         if self.on_incompatible not in ("raise", "recreate"):
             raise ValueError("on_incompatible must be 'raise' or 'recreate'")
+        if self.write_mode not in ("behind", "through"):
+            raise ValueError("write_mode must be 'behind' or 'through'")
+        if self.sidecar not in ("auto", "off"):
+            raise ValueError("sidecar must be 'auto' or 'off'")
+        if self.redis_timeout <= 0 or self.disk_size_mb <= 0 or self.journal_mb <= 0:
+            raise ValueError("redis_timeout, disk_size_mb and journal_mb must be > 0")
+        object.__setattr__(self, "redis_cluster_nodes", tuple(self.redis_cluster_nodes))
 
     @property
     def segment_name(self) -> str:
@@ -133,21 +166,53 @@ class CacheConfig:
         """``c_memory_size_mb`` in bytes."""
         return self.c_memory_size_mb << 20
 
-    def unsupported_levels(self) -> list[CacheLevel]:
-        """The configured levels this version cannot serve yet."""
-        return [lv for lv in self.levels if lv is not CacheLevel.C_MEMORY]
+    @property
+    def uses_redis(self) -> bool:
+        """True if an L2 (``REDIS`` or ``DISTRIBUTED``) is configured."""
+        return CacheLevel.REDIS in self.levels or CacheLevel.DISTRIBUTED in self.levels
+
+    @property
+    def uses_disk(self) -> bool:
+        """True if the L3 (``DISK``) is configured."""
+        return CacheLevel.DISK in self.levels
+
+    @property
+    def disk_dir(self) -> str:
+        """Where the L3 lives: ``disk_path`` or a per-segment default."""
+        if self.disk_path:
+            return self.disk_path
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+            os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "shmcache", self.segment_name)
 
     def check_levels(self) -> None:
-        """Raise :class:`TierNotAvailableError` unless only ``C_MEMORY`` is asked for."""
-        missing = self.unsupported_levels()
-        if missing:
-            names = ", ".join(lv.name for lv in missing)
-            raise TierNotAvailableError(
-                f"cache level(s) {names} are not implemented yet: the Redis and disk "
-                f"tiers (L2/L3) and cross-host invalidation come with the 'Redis/disk "
-                f"tiers' issue; use levels=[CacheLevel.C_MEMORY] for now")
+        """Raise :class:`TierNotAvailableError` if the levels cannot work as configured."""
         if CacheLevel.C_MEMORY not in self.levels:
-            raise ValueError("levels must include CacheLevel.C_MEMORY")
+            raise TierNotAvailableError("levels must include CacheLevel.C_MEMORY (L1)")
+        if CacheLevel.DISTRIBUTED in self.levels and not self.redis_cluster_nodes:
+            raise TierNotAvailableError(
+                "CacheLevel.DISTRIBUTED needs redis_cluster_nodes (SHMCACHE_REDIS_CLUSTER_"
+                "NODES=host:port,...)")
+        if CacheLevel.REDIS in self.levels and not (self.redis_url or
+                                                    self.redis_cluster_nodes):
+            raise TierNotAvailableError(
+                "CacheLevel.REDIS needs redis_url (SHMCACHE_REDIS_URL) or "
+                "redis_cluster_nodes")
+        if self.uses_redis and not self.secret:
+            ser = self.serializer if isinstance(self.serializer, str) else \
+                getattr(self.serializer, "name", "custom")
+            if not self.allow_unsigned or ser not in ("json", "msgpack", "raw"):
+                raise TierNotAvailableError(
+                    "refusing to share values through Redis without a secret: values "
+                    "read back from Redis are unpickled only after their HMAC verifies. "
+                    "Set CacheConfig(secret=...) / SHMCACHE_SECRET (16+ bytes), or use "
+                    "serializer='json'/'msgpack'/'raw' with allow_unsigned=True")
+        if self.secret is not None and len(self.secret.encode()) < 16:
+            raise TierNotAvailableError("secret must be at least 16 bytes")
+
+    def unsupported_levels(self) -> list[CacheLevel]:
+        """Kept for compatibility: every level is supported now."""
+        return []
 
     def with_(self, **changes: Any) -> CacheConfig:
         """A copy with some fields changed."""
@@ -181,6 +246,8 @@ def _parse(var: str, fname: str, ftype: str, raw: str) -> Any:
     try:
         if fname == "levels":
             return tuple(CacheLevel(x.strip().lower()) for x in raw.split(",") if x.strip())
+        if fname == "redis_options":
+            raise ValueError("set redis_options in code (auth and TLS go in the URL)")
         if fname == "redis_cluster_nodes":
             return tuple(x.strip() for x in raw.split(",") if x.strip())
         if fname == "compression":

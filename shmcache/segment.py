@@ -242,6 +242,8 @@ class JournalRecord:
     key: bytes
     version: int
     expires_at: float | None
+    #: Wall clock of the write (epoch microseconds): orders writes of several hosts.
+    at_us: int = 0
 
 
 class PinnedValue:
@@ -611,16 +613,21 @@ class Segment:
     # -- writes ----------------------------------------------------------------------
 
     def set(self, key: str | bytes, value: bytes | bytearray | memoryview,
-            ttl: float | None = None, *, flags: int = 0, expect_version: int = 0) -> int:
+            ttl: float | None = None, *, flags: int = 0, expect_version: int = 0,
+            journal: bool = True) -> int:
         """Store ``value`` under ``key`` (``ttl`` seconds, ``None`` = no expiry) and
-        return the new version.  ``expect_version`` turns it into compare-and-set."""
-        return self._write(key, value, ttl, flags, lib.SHM_SET, expect_version)
+        return the new version.  ``expect_version`` turns it into compare-and-set.
+        ``journal=False`` leaves no write-journal record (a value that came from the
+        lower tiers must not be written back to them)."""
+        mode = lib.SHM_SET if journal else lib.SHM_SET | lib.SHM_NOJOURNAL
+        return self._write(key, value, ttl, flags, mode, expect_version)
 
     def add(self, key: str | bytes, value: bytes | bytearray | memoryview,
-            ttl: float | None = None, *, flags: int = 0) -> int | None:
+            ttl: float | None = None, *, flags: int = 0, journal: bool = True) -> int | None:
         """Store only if absent: the new version, or ``None`` if the key exists."""
+        mode = lib.SHM_ADD if journal else lib.SHM_ADD | lib.SHM_NOJOURNAL
         try:
-            return self._write(key, value, ttl, flags, lib.SHM_ADD, 0)
+            return self._write(key, value, ttl, flags, mode, 0)
         except errors.KeyExistsError:
             return None
 
@@ -647,10 +654,13 @@ class Segment:
             _raise(rc)
         return int(ver[0])
 
-    def delete(self, key: str | bytes, *, expect_version: int = 0) -> bool:
-        """Remove the key; True if it was present."""
+    def delete(self, key: str | bytes, *, expect_version: int = 0,
+               journal: bool = True) -> bool:
+        """Remove the key; True if it was present.  ``journal=False``: no journal
+        record (another host's invalidation, already known to the lower tiers)."""
         k = _key_bytes(key)
-        rc = lib.shm_delete(self._handle(), k, len(k), expect_version)
+        rc = lib.shm_delete_ex(self._handle(), k, len(k), expect_version,
+                               0 if journal else lib.SHM_NOJOURNAL)
         if rc == -1:
             return False
         if rc < 0:
@@ -694,9 +704,10 @@ class Segment:
         """``incr`` with ``-delta``."""
         return self.incr(key, -delta, initial=initial, ttl=ttl)
 
-    def clear(self) -> None:
-        """Remove every entry (pinned values stay readable until released)."""
-        rc = lib.shm_clear(self._handle())
+    def clear(self, *, journal: bool = True) -> None:
+        """Remove every entry (pinned values stay readable until released).
+        ``journal=False``: no journal record (another host's clear)."""
+        rc = lib.shm_clear_ex(self._handle(), 0 if journal else lib.SHM_NOJOURNAL)
         if rc < 0:
             _raise(rc)
 
@@ -738,6 +749,14 @@ class Segment:
         """The clock this handle uses for TTLs (epoch seconds)."""
         return float(lib.shm_now_ms(self._handle())) / 1000.0
 
+    def journal_note_delete(self, key: str | bytes) -> None:
+        """Journal a delete of a key this segment does not hold, so that the sidecar
+        still removes it from the lower tiers and from other hosts' segments."""
+        k = _key_bytes(key)
+        rc = lib.shm_journal_note(self._handle(), lib.SHM_JOP_DELETE, k, len(k))
+        if rc < 0:
+            _raise(rc)
+
     def journal_drain(self, max_bytes: int = 1 << 20) -> list[JournalRecord]:
         """Remove and return the oldest write-journal records (for the sidecar)."""
         buf = ffi.new("char[]", max_bytes)
@@ -753,7 +772,7 @@ class Segment:
             key = ffi.unpack(buf + pos + hdr, klen)
             exp = rec.expires_at_ms
             out.append(JournalRecord(_JOPS.get(rec.op, str(rec.op)), key, rec.version,
-                                     exp / 1000.0 if exp else None))
+                                     exp / 1000.0 if exp else None, rec.at_us))
             pos += (hdr + klen + 7) & ~7
         return out
 

@@ -23,13 +23,14 @@ __all__ = ["FunctionStats", "LevelStats", "CacheStatistics", "Counters"]
 class Counters:
     """Mutable per-process counters (one per ``Cache`` and one per decorated function)."""
 
-    __slots__ = ("_l0_hits", "l0_fast", "l1_hits", "misses", "sets", "deletes", "computes",
+    __slots__ = ("_l0_hits", "l0_fast", "l1_hits", "lower_hits", "misses", "sets",
+                 "deletes", "computes",
                  "compute_seconds", "waits", "stale_serves", "lease_breaks",
                  "wait_timeouts", "errors", "negative_hits", "decode_errors",
                  "store_errors")
 
     # The figures that add up across counters (l0_hits is a property over two fields).
-    FIELDS = ("l0_hits", "l1_hits", "misses", "sets", "deletes", "computes",
+    FIELDS = ("l0_hits", "l1_hits", "lower_hits", "misses", "sets", "deletes", "computes",
               "compute_seconds", "waits", "stale_serves", "lease_breaks", "wait_timeouts",
               "errors", "negative_hits", "decode_errors", "store_errors")
 
@@ -39,6 +40,8 @@ class Counters:
         # (a native int64: bumping a Python attribute there costs more than the check).
         self.l0_fast = bytearray(8)
         self.l1_hits = 0
+        # Served from L2/L3 after an L1 miss (each level also counts in its TierStats).
+        self.lower_hits = 0
         self.misses = 0
         self.sets = 0
         self.deletes = 0
@@ -71,7 +74,8 @@ class Counters:
 
     @property
     def ops(self) -> int:
-        return self.l0_hits + self.l1_hits + self.misses + self.sets + self.deletes
+        return (self.l0_hits + self.l1_hits + self.lower_hits + self.misses + self.sets
+                + self.deletes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +150,15 @@ class CacheStatistics:
     #: Results, leases and tag counters a cached call could not store (segment full,
     #: value too large, lock timeout): the call still returned its result.
     store_errors: int = 0
+    #: L2/L3 operations skipped or failed because the level was down (callers saw a
+    #: miss, never an exception), and values refused because their HMAC failed.
+    degraded_ops: int = 0
+    bad_seals: int = 0
+    #: The lower levels' own counters in this process ({"REDIS": {...}, "DISK": ...}).
+    tiers: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: The host's sidecar as it last reported in the segment (lag_ms, drained, ...);
+    #: empty when none has run.
+    sidecar: dict[str, float] = field(default_factory=dict)
 
 
 class RateWindow:

@@ -194,9 +194,19 @@ def test_config_from_env_and_levels(segname: str) -> None:
         CacheConfig.from_env({"SHMCACHE_SIZE_MB": "lots"})
     levels = CacheConfig.from_env({"SHMCACHE_LEVELS": "c_memory,redis"}).levels
     assert levels == (CacheLevel.C_MEMORY, CacheLevel.REDIS)
-    with pytest.raises(TierNotAvailableError, match="Redis/disk tiers"):
+    # A level without its address, or pickles shared through Redis without a secret,
+    # is refused before anything is created.
+    with pytest.raises(TierNotAvailableError, match="redis_url"):
         Cache(CacheConfig(name=segname, levels=[CacheLevel.C_MEMORY, CacheLevel.REDIS]))
-    assert isinstance(TierNotAvailableError("x"), NotImplementedError)
+    with pytest.raises(TierNotAvailableError, match="without a secret"):
+        Cache(CacheConfig(name=segname, levels=[CacheLevel.C_MEMORY, CacheLevel.REDIS],
+                          redis_url="redis://127.0.0.1:1/0"))
+    with pytest.raises(TierNotAvailableError, match="redis_cluster_nodes"):
+        Cache(CacheConfig(name=segname, levels=[CacheLevel.C_MEMORY,
+                                                CacheLevel.DISTRIBUTED], secret="s" * 16))
+    assert "hunter2" not in repr(CacheConfig(secret="hunter2" * 3,
+                                             redis_url="redis://u:hunter2@h/0"))
+    assert isinstance(TierNotAvailableError("x"), ValueError)
     name = default_segment_name("my app")
     assert name == f"shmcache-my_app-{os.getuid()}"
 

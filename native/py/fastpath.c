@@ -236,6 +236,10 @@ static PyObject *fp_write(FastSeg *self, PyObject *const *args, Py_ssize_t nargs
         PyObject *name = PyTuple_GET_ITEM(kwnames, i), *v = args[nargs + i];
         if (PyUnicode_CompareWithASCIIString(name, "ttl") == 0 && nargs == 2) {
             ttl = v;
+        } else if (PyUnicode_CompareWithASCIIString(name, "journal") == 0) {
+            int on = PyObject_IsTrue(v);
+            if (on < 0) return NULL;
+            if (!on) mode |= SHM_NOJOURNAL;
         } else if (PyUnicode_CompareWithASCIIString(name, "flags") == 0 ||
                    PyUnicode_CompareWithASCIIString(name, "expect_version") == 0) {
             int is_flags = PyUnicode_CompareWithASCIIString(name, "flags") == 0;
@@ -250,7 +254,7 @@ static PyObject *fp_write(FastSeg *self, PyObject *const *args, Py_ssize_t nargs
                 return NULL;
             }
             if (is_flags) flags = x;
-            else if (mode == SHM_SET) expect = x;
+            else if ((mode & ~SHM_NOJOURNAL) == SHM_SET) expect = x;
             else {
                 PyErr_SetString(PyExc_TypeError, "add() takes no expect_version");
                 return NULL;
@@ -283,30 +287,40 @@ static PyObject *fp_add(FastSeg *self, PyObject *const *args, Py_ssize_t nargs,
     return fp_write(self, args, nargs, kwnames, SHM_ADD);
 }
 
-/* delete(key, *, expect_version=0) -> bool */
+/* delete(key, *, expect_version=0, journal=True) -> bool */
 static PyObject *fp_delete(FastSeg *self, PyObject *const *args, Py_ssize_t nargs,
                            PyObject *kwnames) {
     unsigned long long expect = 0;
+    int opts = 0;
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (nargs != 1 || nkw > 1 || (nkw == 1 && PyUnicode_CompareWithASCIIString(
-                                      PyTuple_GET_ITEM(kwnames, 0), "expect_version"))) {
-        PyErr_SetString(PyExc_TypeError, "delete(key, *, expect_version=0)");
+    if (nargs != 1 || nkw > 2) {
+        PyErr_SetString(PyExc_TypeError, "delete(key, *, expect_version=0, journal=True)");
         return NULL;
     }
-    if (nkw) {
-        PyObject *v = args[1];
-        if (!PyLong_Check(v) || PyBool_Check(v)) {
-            PyErr_SetString(PyExc_TypeError, "expect_version must be an int");
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i), *v = args[1 + i];
+        if (PyUnicode_CompareWithASCIIString(name, "journal") == 0) {
+            int on = PyObject_IsTrue(v);
+            if (on < 0) return NULL;
+            if (!on) opts = SHM_NOJOURNAL;
+        } else if (PyUnicode_CompareWithASCIIString(name, "expect_version") == 0) {
+            if (!PyLong_Check(v) || PyBool_Check(v)) {
+                PyErr_SetString(PyExc_TypeError, "expect_version must be an int");
+                return NULL;
+            }
+            expect = PyLong_AsUnsignedLongLong(v);
+            if (expect == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+        } else {
+            PyErr_SetString(PyExc_TypeError, "delete(key, *, expect_version=0, journal=True)");
             return NULL;
         }
-        expect = PyLong_AsUnsignedLongLong(v);
-        if (expect == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     }
     const char *k;
     Py_ssize_t kl;
     PyObject *tmp;
     if (!fp_open(self) || fp_key(self, args[0], &k, &kl, &tmp) < 0) return NULL;
-    int rc = shm_delete(self->c, k, (uint32_t)(kl > 0xffffffffLL ? 0xffffffff : kl), expect);
+    int rc = shm_delete_ex(self->c, k, (uint32_t)(kl > 0xffffffffLL ? 0xffffffff : kl), expect,
+                           opts);
     Py_XDECREF(tmp);
     if (rc == SHM_MISS) Py_RETURN_FALSE;
     if (rc < 0) return fp_engine_error(self, rc);
@@ -344,7 +358,7 @@ static PyObject *fp_set_key(FastSeg *self, const char *k, Py_ssize_t kl, PyObjec
                  "not %.80s; serialize it first or use shmcache.Cache", Py_TYPE(val)->tp_name);
         return fp_raise(self, FP_ENOTBYTES, msg);
     }
-    if (rc == SHM_EEXISTS && mode == SHM_ADD) Py_RETURN_NONE;
+    if (rc == SHM_EEXISTS && (mode & ~SHM_NOJOURNAL) == SHM_ADD) Py_RETURN_NONE;
     if (rc < 0) return fp_engine_error(self, rc);
     return PyLong_FromUnsignedLongLong(ver);
 }

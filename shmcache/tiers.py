@@ -1,0 +1,451 @@
+"""The lower levels: Redis or Redis Cluster (L2) and a diskcache directory (L3).
+
+A tier stores *sealed* values (sealing.py) under ``<prefix><key>`` and never raises
+into a caller: a connection error, a timeout, a full or read-only disk marks the tier
+down for a backoff interval (0.1 s doubling to ``max_backoff``), counts the operation
+as *degraded* and answers like a miss.  The first call after the interval tries again,
+so service resumes by itself.  Logging names the tier and the error class, never a
+URL's password, a key's value or the secret.
+
+Ordering across hosts: every write carries its writer's stamp (microseconds); a Redis
+script refuses a write whose stamp is older than the stored one, and deletes leave a
+short-lived tombstone, so a write-back that arrives late cannot resurrect a value that
+was since replaced or deleted.  On disk (one host) the sidecar is the only writer, in
+journal order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from .sealing import BadSeal, Sealed, Sealer
+
+__all__ = ["TierStats", "RedisTier", "DiskTier", "TierWrite", "INVALIDATION_CHANNEL"]
+
+_log = logging.getLogger("shmcache.tiers")
+
+#: The pub/sub channel (suffix) on which hosts announce their deletes and replacements.
+INVALIDATION_CHANNEL: Final = "invalidate"
+
+# KEYS[1] = key, ARGV[1] = sealed value, ARGV[2] = ttl ms (0 = none).
+# Refuses a write older than what is stored (bytes 4..19 are the stamp as fixed-width
+# hex, so string order is numeric order).  Anything that is not ours is overwritten.
+_SET_IF_NEWER: Final = """
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, 3) == 'SC1' and
+   string.sub(cur, 4, 19) > string.sub(ARGV[1], 4, 19) then
+  return 0
+end
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
+
+class TierStats:
+    """Per-process counters of one tier (plain ints, bumped under the GIL)."""
+
+    __slots__ = ("hits", "misses", "writes", "deletes", "degraded", "bad_seals",
+                 "refused_stale", "failures")
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+        self.writes = 0
+        self.deletes = 0
+        #: Operations skipped or failed because the tier was unreachable/broken.
+        self.degraded = 0
+        #: Values that failed verification (tampered, foreign, garbage): misses.
+        self.bad_seals = 0
+        #: Write-backs refused because the tier held a newer value.
+        self.refused_stale = 0
+        #: Times the tier went down (each starts a backoff).
+        self.failures = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class TierWrite:
+    """One write-back: ``blob`` is a sealed value or tombstone; ``ttl_ms`` 0 = none."""
+
+    key: bytes
+    blob: bytes
+    ttl_ms: int
+    delete: bool = False
+
+
+class _Breaker:
+    """Down/up state with exponential backoff; logs each transition once."""
+
+    def __init__(self, name: str, max_backoff: float) -> None:
+        self.name = name
+        self.max_backoff = max_backoff
+        self._lock = threading.Lock()
+        self._retry_at = 0.0
+        self._backoff = 0.0
+        self.down = False
+
+    def allow(self) -> bool:
+        return not self.down or time.monotonic() >= self._retry_at
+
+    def ok(self) -> None:
+        if self.down:
+            with self._lock:
+                if self.down:
+                    self.down = False
+                    self._backoff = 0.0
+                    _log.warning("shmcache: %s is reachable again", self.name)
+
+    def fail(self, exc: BaseException, stats: TierStats) -> None:
+        with self._lock:
+            self._backoff = min(self.max_backoff, max(0.1, self._backoff * 2))
+            self._retry_at = time.monotonic() + self._backoff
+            if not self.down:
+                self.down = True
+                stats.failures += 1
+                _log.warning("shmcache: %s unavailable (%s: %s); serving without it, "
+                             "retrying with backoff", self.name, type(exc).__name__,
+                             _redact(str(exc))[:200])
+
+
+def _redact(msg: str) -> str:
+    """Drop anything that looks like credentials in a URL (``user:pass@``)."""
+    import re
+    return re.sub(r"//[^/@\s]*@", "//***@", msg)
+
+
+class _BadSealLog:
+    """Logs a refused value once per key (bounded), never its content."""
+
+    def __init__(self) -> None:
+        self._seen: set[bytes] = set()
+
+    def note(self, tier: str, key: bytes, err: BadSeal) -> None:
+        if key in self._seen:
+            return
+        if len(self._seen) >= 4096:
+            self._seen.clear()
+        self._seen.add(key)
+        _log.warning("shmcache: refused the value of %r from %s: %s", key[:200], tier, err)
+
+
+class RedisTier:
+    """L2: a Redis server (``url``) or a Redis Cluster (``cluster_nodes``)."""
+
+    def __init__(self, sealer: Sealer, *, url: str | None = None,
+                 cluster_nodes: Sequence[str] = (), prefix: str = "shmcache:",
+                 timeout: float = 0.5, options: dict[str, Any] | None = None,
+                 max_backoff: float = 5.0, tombstone_ttl: float = 60.0) -> None:
+        if not url and not cluster_nodes:
+            raise ValueError("the REDIS level needs redis_url or redis_cluster_nodes")
+        self.sealer = sealer
+        self.cluster = bool(cluster_nodes)
+        self.url = url
+        self.cluster_nodes = tuple(cluster_nodes)
+        self.prefix = prefix.encode()
+        self.channel = prefix + INVALIDATION_CHANNEL
+        self.timeout = timeout
+        self.options = dict(options or {})
+        self.tombstone_ttl_ms = int(tombstone_ttl * 1000)
+        self.name = "Redis Cluster" if self.cluster else "Redis"
+        self.stats = TierStats()
+        self.breaker = _Breaker(self.name, max_backoff)
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+        self._pid = os.getpid()
+        self._bad = _BadSealLog()
+
+    # -- connection ----------------------------------------------------------------------
+
+    def new_client(self, *, pubsub: bool = False) -> Any:
+        """A fresh client (the subscriber has its own: a blocking pub/sub connection)."""
+        import redis
+        common: dict[str, Any] = {
+            "socket_timeout": None if pubsub else self.timeout,
+            "socket_connect_timeout": self.timeout,
+            "health_check_interval": 10,
+        }
+        common.update(self.options)
+        if self.cluster:
+            from redis.cluster import ClusterNode, RedisCluster
+            nodes = []
+            for n in self.cluster_nodes:
+                host, _, port = n.rpartition(":")
+                nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))  # type: ignore[no-untyped-call]
+            common.pop("health_check_interval", None)
+            return RedisCluster(startup_nodes=nodes, **common)
+        assert self.url is not None
+        return redis.Redis.from_url(self.url, **common)
+
+    def client(self) -> Any:
+        if self._client is None or self._pid != os.getpid():
+            with self._client_lock:
+                if self._client is None or self._pid != os.getpid():
+                    # A forked child must not share its parent's sockets.
+                    self._client = self.new_client()
+                    self._pid = os.getpid()
+        return self._client
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats.degraded += 1
+        self.breaker.fail(exc, self.stats)
+        if self.cluster:  # a failover changes the topology: start from the seeds again
+            with self._client_lock:
+                old, self._client = self._client, None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    old.close()
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def get(self, key: bytes) -> Sealed | None:
+        """The verified value of ``key`` -- a tombstone too (``.tombstone``: deleted,
+        which the caller must not look up below) -- or None (absent, refused, down)."""
+        if not self.breaker.allow():
+            self.stats.degraded += 1
+            return None
+        try:
+            blob = self.client().get(self.prefix + key)
+        except Exception as e:  # noqa: BLE001 - any client/network error: degrade
+            self._failed(e)
+            return None
+        self.breaker.ok()
+        if blob is None:
+            self.stats.misses += 1
+            return None
+        try:
+            got = self.sealer.open(key, blob)
+        except BadSeal as e:
+            self.stats.bad_seals += 1
+            self.stats.misses += 1
+            self._bad.note(self.name, key, e)
+            return None
+        if got.tombstone:
+            self.stats.misses += 1
+            return got
+        self.stats.hits += 1
+        return got
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def write(self, batch: Sequence[TierWrite], invalidate: bytes | None = None) -> bool:
+        """Apply ``batch`` in one pipeline, then publish ``invalidate`` (if any).
+        False if the tier is down (the caller keeps the batch and retries)."""
+        if not batch and invalidate is None:
+            return True
+        if not self.breaker.allow():
+            self.stats.degraded += 1
+            return False
+        try:
+            c = self.client()
+            pipe = c.pipeline(transaction=False)
+            for w in batch:
+                ttl = self.tombstone_ttl_ms if w.delete else w.ttl_ms
+                # execute_command: cluster pipelines disable .eval() but route EVAL by key
+                pipe.execute_command("EVAL", _SET_IF_NEWER, 1, self.prefix + w.key, w.blob, ttl)
+            res = pipe.execute() if batch else []
+            if invalidate is not None:
+                if self.cluster:
+                    c.spublish(self.channel, invalidate)
+                else:
+                    c.publish(self.channel, invalidate)
+        except Exception as e:  # noqa: BLE001 - any client/network error: degrade
+            self._failed(e)
+            return False
+        self.breaker.ok()
+        for w, r in zip(batch, res, strict=False):
+            if w.delete:
+                self.stats.deletes += 1
+            else:
+                self.stats.writes += 1
+            if r == 0:
+                self.stats.refused_stale += 1
+        return True
+
+    def clear(self) -> bool:
+        """Remove every key under this tier's prefix (SCAN + UNLINK, on every master)."""
+        if not self.breaker.allow():
+            self.stats.degraded += 1
+            return False
+        try:
+            c = self.client()
+            pattern = self.prefix.replace(b"*", b"\\*") + b"*"
+            batch: list[bytes] = []
+            if self.cluster:
+                from redis.cluster import RedisCluster
+                for key in c.scan_iter(match=pattern, count=1000,
+                                       target_nodes=RedisCluster.PRIMARIES):
+                    c.unlink(key)
+            else:
+                for key in c.scan_iter(match=pattern, count=1000):
+                    batch.append(key)
+                    if len(batch) >= 500:
+                        c.unlink(*batch)
+                        batch.clear()
+                if batch:
+                    c.unlink(*batch)
+        except Exception as e:  # noqa: BLE001
+            self._failed(e)
+            return False
+        self.breaker.ok()
+        return True
+
+    def close(self) -> None:
+        with self._client_lock:
+            old, self._client = self._client, None
+        if old is not None and self._pid == os.getpid():
+            with contextlib.suppress(Exception):
+                old.close()
+
+
+def ensure_private_dir(path: str) -> str:
+    """Create ``path`` (and parents) owner-only; refuse one that others can use."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to this user")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def disk_secret(path: str) -> bytes:
+    """The per-directory signing key of a disk-only cache: 32 random bytes in
+    ``<path>/.secret`` (0600), made on first use.  Whoever can read it can already
+    write the directory, so it authenticates values as well as a configured secret."""
+    ensure_private_dir(path)
+    f = os.path.join(path, ".secret")
+    try:
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(f, "rb") as fh:
+            data = fh.read()
+        if len(data) < 32:
+            raise PermissionError(f"{f} is damaged (shorter than 32 bytes)") from None
+        return data
+    with os.fdopen(fd, "wb") as fh:
+        data = secrets.token_bytes(32)
+        fh.write(data)
+    return data
+
+
+class DiskTier:
+    """L3: a diskcache directory (owner-only) bounded by ``size_limit`` bytes."""
+
+    def __init__(self, sealer: Sealer, path: str, *, size_limit: int,
+                 max_backoff: float = 5.0, timeout: float = 0.5) -> None:
+        self.sealer = sealer
+        self.path = ensure_private_dir(path)
+        self.size_limit = size_limit
+        self.timeout = timeout
+        self.name = f"disk cache {path}"
+        self.stats = TierStats()
+        self.breaker = _Breaker(self.name, max_backoff)
+        self._dc: Any = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._bad = _BadSealLog()
+
+    def _cache(self) -> Any:
+        if self._dc is None or self._pid != os.getpid():
+            with self._lock:
+                if self._dc is None or self._pid != os.getpid():
+                    import diskcache
+                    db = os.path.join(self.path, "cache.db")
+                    if not os.path.exists(db):  # SQLite gives -wal/-shm the db's mode
+                        os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
+                    self._dc = diskcache.Cache(
+                        self.path, size_limit=self.size_limit, timeout=self.timeout,
+                        eviction_policy="least-recently-stored",
+                        disk_min_file_size=1 << 20)
+                    self._pid = os.getpid()
+        return self._dc
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats.degraded += 1
+        self.breaker.fail(exc, self.stats)
+        with self._lock:
+            old, self._dc = self._dc, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.close()
+
+    def get(self, key: bytes) -> Sealed | None:
+        """The verified value of ``key``, or None (absent, refused, expired, broken)."""
+        if not self.breaker.allow():
+            self.stats.degraded += 1
+            return None
+        try:
+            blob = self._cache().get(key)
+        except Exception as e:  # noqa: BLE001 - sqlite/OS errors: degrade
+            self._failed(e)
+            return None
+        self.breaker.ok()
+        if blob is None:
+            self.stats.misses += 1
+            return None
+        try:
+            got = self.sealer.open(key, blob if isinstance(blob, bytes) else b"")
+        except BadSeal as e:
+            self.stats.bad_seals += 1
+            self.stats.misses += 1
+            self._bad.note(self.name, key, e)
+            return None
+        if got.tombstone or (got.expires_at is not None and got.expires_at <= time.time()):
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        return got
+
+    def write(self, batch: Iterable[TierWrite]) -> bool:
+        """Apply ``batch`` (in order); False if the disk is unusable (kept for retry)."""
+        if not self.breaker.allow():
+            self.stats.degraded += 1
+            return False
+        try:
+            dc = self._cache()
+            with dc.transact():
+                for w in batch:
+                    if w.delete:
+                        dc.delete(w.key)
+                        self.stats.deletes += 1
+                    else:
+                        dc.set(w.key, w.blob, expire=w.ttl_ms / 1000.0 if w.ttl_ms else None)
+                        self.stats.writes += 1
+        except Exception as e:  # noqa: BLE001 - full disk, read-only, permissions
+            self._failed(e)
+            return False
+        self.breaker.ok()
+        return True
+
+    def clear(self) -> bool:
+        if not self.breaker.allow():
+            self.stats.degraded += 1
+            return False
+        try:
+            self._cache().clear()
+        except Exception as e:  # noqa: BLE001
+            self._failed(e)
+            return False
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            old, self._dc = self._dc, None
+        if old is not None and self._pid == os.getpid():
+            with contextlib.suppress(Exception):
+                old.close()
