@@ -63,6 +63,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import pickle
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields
@@ -81,6 +82,7 @@ from ..errors import (
     VersionMismatchError,
 )
 from ..keys import shorten
+from ..segment import Segment
 from ..serializers import Serializer, get_serializer
 
 __all__ = ["ShmCache"]
@@ -153,15 +155,15 @@ def _digest(key: str | bytes) -> str:
 
 
 def _update_entry(cache: Cache, ser: Serializer, key: str,
-                 fn: Callable[[Any], Any]) -> Any:
+                  fn: Callable[[Any], Any]) -> Any:
     """Replace the value of ``key`` by ``fn(value)`` atomically across processes and
     keep its expiry; return the new value, or ``MISSING`` if the key is absent.
 
     A compare-and-set loop: the value is read between two looks at the entry's version
     (versions are segment-global and only grow, so equal versions mean the value read
-    is that version's), and written back with ``expect_version``; a write by any other
-    process in between makes the write fail and the loop read again.  ``key`` must be
-    the segment key (already shortened, so ``Cache`` maps it to itself).
+    is that version's) and written back with ``expect_version``; a write by any other
+    process in between makes the write fail and the loop read again.  ``key`` is the
+    segment key (already shortened, so ``Cache`` maps it to itself).
     """
     seg = cache.segment
     while True:
@@ -175,16 +177,55 @@ def _update_entry(cache: Cache, ser: Serializer, key: str,
         if after.version != before.version:
             continue
         new = fn(value)
-        ttl: float | None = None
-        if after.expires_at is not None:
-            ttl = after.expires_at - seg.now()
-            if ttl <= 0:
-                return MISSING  # expired between the reads and now
+        data = ser.dumps(new)
+        if after.expires_at is None:
+            try:
+                seg.set(key, data, None, flags=ser.id, expect_version=after.version)
+            except (VersionMismatchError, KeyError):
+                continue  # written, deleted or evicted meanwhile: look again
+            return new
+        done = _write_keeping_expiry(seg, key, data, ser.id, after.version,
+                                     round(after.expires_at * 1000))
+        if done is None:
+            continue
+        return new if done else MISSING
+
+
+def _write_keeping_expiry(seg: Segment, key: str, data: bytes, flags: int, version: int,
+                          expires_ms: int) -> bool | None:
+    """Write ``data`` over ``version`` so that the entry still expires at
+    ``expires_ms``: True once written, False if it expired first, None if another
+    write got there first.
+
+    The engine takes a relative TTL and adds its own clock.  When that clock ticks
+    between our reading it and the write, the expiry lands a millisecond late; then the
+    write is repeated (a compare-and-set on the version it just made) until it lands
+    exactly.  Otherwise a counter incremented all the time (a rate limit's window)
+    would creep later and later.
+    """
+    first = True
+    while True:
+        now_ms = round(seg.now() * 1000)
+        left_ms = expires_ms - now_ms
+        if left_ms <= 0:
+            if first:
+                return False
+            with contextlib.suppress(ShmCacheError):  # ours, and due by now
+                seg.delete(key, expect_version=version)
+            return True
         try:
-            seg.set(key, ser.dumps(new), ttl, flags=ser.id, expect_version=after.version)
+            # +0.5 ms: the engine floors seconds * 1000, and the float may land below.
+            version = seg.set(key, data, (left_ms + 0.5) / 1000, flags=flags,
+                              expect_version=version)
         except (VersionMismatchError, KeyError):
-            continue  # written, deleted or evicted meanwhile: look again
-        return new
+            return None if first else True  # after ours, another write: it stands
+        first = False
+        if round(seg.now() * 1000) == now_ms:
+            return True  # the engine read the same millisecond
+        info = seg.info(key)
+        if (info is None or info.version != version or info.expires_at is None
+                or round(info.expires_at * 1000) == expires_ms):
+            return True
 
 
 class ShmCache(BaseCache):  # type: ignore[misc]  # django ships no type information
@@ -234,15 +275,19 @@ class ShmCache(BaseCache):  # type: ignore[misc]  # django ships no type informa
         return None if timeout is None else float(timeout)
 
     def _store(self, key: str, value: Any, ttl: float | None) -> bool:
-        if ttl is not None and ttl <= 0:
-            self._ser.dumps(value)  # an unpicklable value raises whatever the timeout
-            self._cache.delete(key)
-            return True
         try:
+            if ttl is not None and ttl <= 0:
+                self._ser.dumps(value)  # an unpicklable value raises whatever the timeout
+                self._cache.delete(key)
+                return True
             self._cache.set(key, value, ttl)
         except _STORE_ERRORS as e:
             self._failed_store(key, e)
             return False
+        except TypeError as e:
+            if isinstance(e.__cause__, pickle.PickleError):
+                raise e.__cause__ from None  # see add()
+            raise
         return True
 
     def _failed_store(self, key: str, exc: Exception) -> None:
@@ -259,15 +304,22 @@ class ShmCache(BaseCache):  # type: ignore[misc]  # django ships no type informa
         """Store only if the key is absent (or expired); True if stored."""
         k = self._key(key, version)
         ttl = self._ttl(timeout)
-        if ttl is not None and ttl <= 0:
-            self._ser.dumps(value)
-            return not self._cache.contains(k)  # "stored", and expired at once
         try:
+            if ttl is not None and ttl <= 0:
+                self._ser.dumps(value)
+                return not self._cache.contains(k)  # "stored", and expired at once
             return self._cache.add(k, value, ttl)
         except _STORE_ERRORS as e:
             _log.warning("shmcache: could not add the entry with key digest %s (%s)",
                          _digest(k), type(e).__name__)
             return False
+        except TypeError as e:
+            # shmcache's serializer reports an unpicklable value as a TypeError raised
+            # from pickle's error; Django code catches pickle.PickleError (as locmem,
+            # Redis and memcached raise it), so that is what it gets.
+            if isinstance(e.__cause__, pickle.PickleError):
+                raise e.__cause__ from None
+            raise
 
     def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
         """The cached value (a cached ``None`` included), or ``default`` on a miss."""

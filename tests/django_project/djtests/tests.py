@@ -53,6 +53,11 @@ class Unpicklable:
         raise pickle.PickleError("not this one")
 
 
+class RefusesPickling:
+    def __reduce__(self) -> Any:
+        raise pickle.PicklingError("nor this one")
+
+
 class RecordsPicklingThread:
     """Notes the thread that pickles it: an async call that hops threads shows."""
 
@@ -230,6 +235,10 @@ class BasicOperationsTests(ShmCacheTestCase):
                      lambda: cache.add("u", Unpicklable(), 0),
                      lambda: cache.set_many({"u": Unpicklable()})):
             with self.assertRaises(pickle.PickleError):
+                call()
+        for call in (lambda: cache.set("u", RefusesPickling()),
+                     lambda: cache.add("u", RefusesPickling())):
+            with self.assertRaisesMessage(pickle.PicklingError, "nor this one"):
                 call()
         self.assertIs(cache.has_key("u"), False)
 
