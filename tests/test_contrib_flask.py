@@ -245,6 +245,29 @@ def test_pickling_errors_raise(backend: ShmCache) -> None:
     assert backend.has("u") is False
 
 
+def _inc_in_child(segname: str, n: int) -> tuple[int, int | None]:
+    # A forked child (a pre-fork server's worker) re-creates the backend from the same
+    # config: it gets the parent's shmcache.Cache, which the child may keep using.
+    _, cache = make_app(segname)
+    last = None
+    for _ in range(n):
+        last = cache.cache.inc("forked")
+    return os.getpid(), last
+
+
+def test_forked_children_share_the_parents_backend(backend: ShmCache) -> None:
+    from _helpers import FORK, run_isolated
+
+    backend.set("forked", 0)
+    pids = set()
+    for _ in range(2):
+        pid, last = run_isolated(_inc_in_child, backend.shmcache.segment.name, 50, ctx=FORK)
+        pids.add(pid)
+    assert os.getpid() not in pids and len(pids) == 2
+    assert last == 100
+    assert backend.get("forked") == 100
+
+
 def test_options_are_checked(segname: str) -> None:
     with pytest.raises(TypeError, match="unknown option"):
         ShmCache(segname, no_such_option=1)
