@@ -572,6 +572,8 @@ class SegmentSource:
         self._seg: Segment | None = self._given
         self._ino: int | None = None
         self._lock = threading.Lock()
+        # Highest engine totals reported so far, per segment generation (see snapshot).
+        self._high: tuple[int, dict[str, float]] = (0, {})
 
     def _inode(self) -> int | None:
         try:
@@ -605,9 +607,31 @@ class SegmentSource:
         if seg is None:
             return None
         try:
-            return snapshot(seg, fold=fold)
+            snap = snapshot(seg, fold=fold)
         except SegmentClosedError:
             return None
+        self._monotonic(snap)
+        return snap
+
+    def _monotonic(self, snap: dict[str, Any]) -> None:
+        """Never report an engine total below one reported before.
+
+        The engine reads its totals without a lock (retired counters, then each
+        slot), so a read that races a process closing its slot can miss that slot's
+        counts for a moment; a scraper would take the dip for a counter reset.  A
+        later read is right again, so holding the highest value seen is exact.
+        """
+        gen = int(snap["stats"].get("generation", 0))
+        with self._lock:
+            last_gen, high = self._high
+            if last_gen != gen:
+                high = {}
+            for k, v in snap["counters"].items():
+                if v < high.get(k, 0):
+                    snap["counters"][k] = high[k]
+                else:
+                    high[k] = v
+            self._high = (gen, high)
 
     def close(self) -> None:
         """Detach (unless the segment was given)."""
