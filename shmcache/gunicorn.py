@@ -18,7 +18,8 @@ one)::
         keep_on_exit=False))
 
 or take the module-level hooks, configured from ``SHMCACHE_*`` variables
-(:meth:`CacheConfig.from_env`, plus ``SHMCACHE_KEEP_ON_EXIT`` and ``SHMCACHE_SIDECAR``)::
+(:meth:`CacheConfig.from_env`, plus ``SHMCACHE_KEEP_ON_EXIT`` and
+``SHMCACHE_GUNICORN_SIDECAR``)::
 
     from shmcache.gunicorn import child_exit, on_exit, on_reload, on_starting, post_fork
 
@@ -32,7 +33,10 @@ What each hook does, and why:
 
 - ``on_starting`` (master, before it listens or forks): opens (creates) the segment, so
   every worker inherits one mapping of it; reaps slots that processes of an earlier run
-  left behind (a kept segment); starts the sidecar if asked.
+  left behind (a kept segment).  The sidecar: a ``Cache`` with levels below L1 and
+  ``CacheConfig.sidecar="auto"`` starts its own as it opens, here in the master, so
+  workers (which inherit it) start none; with ``sidecar=True`` the hook starts one
+  itself (for ``sidecar="off"`` or an L1-only cache: TTL sweeps, reaping, figures).
 - ``post_fork`` (worker, just after the fork): the engine's fork handler has already
   given the inherited handle a slot of its own; this checks that the slot is there and
   is this pid's (else attaches afresh by name), and closes the cache at a clean exit
@@ -66,6 +70,7 @@ from typing import Any, Protocol
 
 from .cache import Cache
 from .config import CacheConfig
+from .errors import ShmCacheError
 
 __all__ = ["GunicornHooks", "SidecarHandle", "hooks", "get_cache", "on_starting",
            "post_fork", "child_exit", "on_reload", "on_exit"]
@@ -74,8 +79,9 @@ _logger = logging.getLogger("shmcache.gunicorn")
 
 #: ``1/true/yes/on``: keep the segment when the master exits (a warm restart).
 ENV_KEEP_ON_EXIT = "SHMCACHE_KEEP_ON_EXIT"
-#: ``1/true/yes/on``: start the sidecar in the master (``Cache.start_sidecar()``).
-ENV_SIDECAR = "SHMCACHE_SIDECAR"
+#: ``1/true/yes/on``: the hooks start a sidecar in the master (``Cache.start_sidecar()``).
+#: Not ``SHMCACHE_SIDECAR``: that is ``CacheConfig.sidecar`` (``auto``/``off``).
+ENV_SIDECAR = "SHMCACHE_GUNICORN_SIDECAR"
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
@@ -203,8 +209,10 @@ class GunicornHooks:
     ``config``: the cache configuration (``None``: :meth:`CacheConfig.from_env` when the
     master starts).  ``keep_on_exit``: keep the segment and its entries when the master
     exits, for a warm restart (``None``: ``$SHMCACHE_KEEP_ON_EXIT``, default unlink).
-    ``sidecar``: start the sidecar in the master (``None``: ``$SHMCACHE_SIDECAR``,
-    default off).
+    ``sidecar``: the hook starts a sidecar in the master with ``Cache.start_sidecar()``
+    (``None``: ``$SHMCACHE_GUNICORN_SIDECAR``, default off).  Leave it off when the
+    configuration's own ``sidecar="auto"`` starts one (a cache with levels below L1):
+    a second one would only stand by.
     """
 
     def __init__(self, config: CacheConfig | None = None, *, keep_on_exit: bool | None = None,
@@ -247,9 +255,13 @@ class GunicornHooks:
             log.warning("shmcache: a sidecar was asked for but this shmcache has no "
                         "Cache.start_sidecar(); workers serve from the segment without one")
             return
-        _state.sidecar = start()
+        try:
+            _state.sidecar = start()
+        except ShmCacheError as e:   # e.g. an L1-only cache: nothing for a sidecar to do
+            log.warning("shmcache: sidecar not started: %s", e)
+            return
         _state.sidecar_pid = os.getpid()
-        log.info("shmcache: sidecar started")
+        log.info("shmcache: sidecar started in the master (pid %d)", os.getpid())
 
     def child_exit(self, server: Any, worker: Any) -> None:
         """Master, after a worker exited: free the slots of dead processes (a worker

@@ -18,6 +18,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -193,6 +194,22 @@ def test_gthread_workers_share_one_segment(gunicorn: Callable[..., Gunicorn]) ->
     g = gunicorn("wsgi_app:app", "-k", "gthread", "--threads", "4")
     served = _computed_once(g, "g", requests=32)
     assert served <= children(g.master)
+
+
+def test_master_hook_starts_and_stops_the_sidecar(
+        gunicorn: Callable[..., Gunicorn], tmp_path: Path) -> None:
+    # A disk level gives the sidecar work; the config leaves it to the hook ("off").
+    g = gunicorn("wsgi_app:app", env={
+        "SHMCACHE_LEVELS": "c_memory,disk", "SHMCACHE_DISK_PATH": str(tmp_path / "l3"),
+        "SHMCACHE_SIDECAR": "off", "SHMCACHE_GUNICORN_SIDECAR": "1",
+        "TMPDIR": str(tmp_path)})       # the sidecar's lock file goes there
+    _computed_once(g, "s")
+    assert f"sidecar started in the master (pid {g.master})" in g.srv.output()
+    g.segment().close()
+    g.seg = None
+    g.srv.signal(signal.SIGTERM)
+    assert g.srv.wait(BOOT) == 0, g.srv.output()
+    assert "stopping the sidecar failed" not in g.srv.output()
 
 
 def test_preload_workers_get_slots_of_their_own(gunicorn: Callable[..., Gunicorn]) -> None:

@@ -11,7 +11,9 @@ The segment is configured from the environment, read by the master when it start
     SHMCACHE_SIZE_MB=256           its size (default 64)
     SHMCACHE_KEEP_ON_EXIT=1        keep it, with its entries, when the master exits
                                    (a warm restart); default: unlink it
-    SHMCACHE_SIDECAR=1             start the sidecar in the master
+    SHMCACHE_GUNICORN_SIDECAR=1    the hooks start a sidecar in the master (a cache with
+                                   levels below L1 and SHMCACHE_SIDECAR=auto, the
+                                   default, starts its own there anyway)
     ... and every other SHMCACHE_* field of shmcache.CacheConfig.from_env.
 
 In the application, ``shmcache.gunicorn.get_cache()`` returns the shared cache (the one
