@@ -32,6 +32,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from ..errors import ShmCacheError
 from ..logs import HTTP, get_logger
 from ..metrics import SegmentCollector, SegmentSource
 from ..segment import Segment
@@ -131,10 +132,14 @@ class Dashboard:
 
     def _snapshot(self, query: str) -> Response:
         fold = parse_qs(query).get("fold", ["1"])[0] != "0"
-        snap = self.source.snapshot(fold=fold)
+        try:
+            snap = self.source.snapshot(fold=fold)
+            error = f"no segment named {self.source.name!r} yet"
+        except ShmCacheError as e:  # foreign, of another layout, corrupt, busy
+            snap, error = None, f"cannot read segment {self.source.name!r}: {type(e).__name__}"
+            _log.warning("%s", error)
         if snap is None:
-            body = json.dumps({"error": f"no segment named {self.source.name!r} yet",
-                               "segment": self.source.name}).encode()
+            body = json.dumps({"error": error, "segment": self.source.name}).encode()
             return Response(503, body, "application/json",
                             [("Cache-Control", "no-store"), ("Retry-After", "1")])
         return Response(200, json.dumps(snap, separators=(",", ":")).encode(),
