@@ -50,7 +50,8 @@ What each hook does, and why:
   workers attach the same segment.  A reloaded config naming another segment is not
   obeyed (that needs a restart): a warning says so.
 - ``on_exit`` (master): stops the sidecar, then unlinks the segment, or keeps it (with
-  its entries) for a warm restart when ``keep_on_exit``.
+  its entries) for a warm restart when ``keep_on_exit`` -- and always while another
+  master uses it (a ``kill -USR2`` binary upgrade in progress).
 
 Boot-time hooks (``on_starting``, ``post_fork``) raise, so a server that cannot open its
 cache fails at start with the reason; the run-time ones (``child_exit``, ``on_reload``,
@@ -317,10 +318,13 @@ class GunicornHooks:
             cache.segment.reap()   # a kept segment starts the next run with no dead slots
         except Exception:  # noqa: BLE001
             log.exception("shmcache: final reap failed")
+        other = _other_master(server)
         try:
             cache.close()
         finally:
-            if _state.keep_on_exit:
+            if other:
+                log.info("shmcache: segment %r kept for master %d", name, other)
+            elif _state.keep_on_exit:
                 log.info("shmcache: segment %r kept for the next start", name)
             else:
                 cache.unlink()
@@ -344,6 +348,29 @@ class GunicornHooks:
                 cache = _state.cache = Cache(cache.config)
         log.debug("shmcache: worker %d uses slot %d of %r", os.getpid(),
                   cache.segment.slot, cache.segment.name)
+
+
+def _other_master(server: Any) -> int:
+    """After ``kill -USR2`` two masters share the segment until one exits: the new one
+    (``reexec_pid`` in the old master) or the old one (``master_pid`` in a new master,
+    until gunicorn notices its parent is gone).  The pid of the other one if it still
+    runs (the one that leaves then must not unlink the segment), else 0."""
+    for attr in ("reexec_pid", "master_pid"):
+        pid = getattr(server, attr, 0)
+        if isinstance(pid, int) and pid > 0 and _running(pid):
+            if attr == "master_pid" and os.getppid() != pid:
+                continue   # our old master is gone: we were promoted
+            return pid
+    return 0
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X", "")
 
 
 def _own_slot(cache: Cache) -> bool:

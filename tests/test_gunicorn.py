@@ -25,6 +25,7 @@ import pytest
 from _helpers import new_name
 from server_apps.harness import (
     Server,
+    alive,
     answers,
     children,
     free_port,
@@ -278,3 +279,39 @@ def test_on_exit_keeps_segment_for_warm_restart_then_unlinks(
     g2.srv.signal(signal.SIGTERM)
     assert g2.srv.wait(BOOT) == 0, g2.srv.output()
     assert not segment_exists(name)
+
+
+def test_usr2_upgrade_hands_the_segment_to_the_new_master(
+        gunicorn: Callable[..., Gunicorn]) -> None:
+    g = gunicorn("wsgi_app:app")
+    old_workers = children(g.master)
+    first = g.get("/cached?n=u")["value"]
+    g.srv.signal(signal.SIGUSR2)                  # gunicorn re-executes a new master
+
+    def new_master() -> int | None:
+        fresh = children(g.master) - old_workers
+        for pid in fresh:
+            if len(children(pid)) == 2:
+                return pid
+        return None
+    successor = wait_until(new_master, BOOT, f"the new master\n{g.srv.output()}")
+    try:
+        wait_until(lambda: children(successor) <= g.live_pids().keys(), BOOT,
+                   "the new master's workers")
+        g.segment().close()
+        g.seg = None
+        g.srv.signal(signal.SIGTERM)              # the old master leaves: segment kept
+        assert g.srv.wait(BOOT) == 0, g.srv.output()
+        assert f"kept for master {successor}" in g.srv.output()
+        assert segment_exists(g.name)
+        r = g.get("/cached?n=u")
+        assert r["value"] == first and r["pid"] in children(successor)
+        assert g.get("/count?n=u")["count"] == 1
+        os.kill(successor, signal.SIGTERM)        # the last master out unlinks it
+        wait_until(lambda: not alive(successor), BOOT, "the new master's exit")
+        assert not segment_exists(g.name)
+    finally:
+        if alive(successor):
+            for pid in [successor, *children(successor)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
