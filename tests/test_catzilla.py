@@ -120,7 +120,7 @@ def test_if_none_match_on_a_hit_gives_304(cz: Launched) -> None:
     assert status == 200 and body
 
 
-@pytest.mark.parametrize("route", ["private", "nostore", "cookie", "implicit"])
+@pytest.mark.parametrize("route", ["private", "nostore", "cookie", "implicit", "stream"])
 def test_responses_a_shared_cache_must_not_store(cz: Launched, route: str) -> None:
     before = cz.count(route)
     first = cz.get(0, f"/{route}")
@@ -129,6 +129,8 @@ def test_responses_a_shared_cache_must_not_store(cz: Launched, route: str) -> No
     assert cz.count(route) == before + 2            # computed each time
     if route == "cookie":
         assert "session=s3cr3t" in second[1]["set-cookie"]   # its own, never replayed
+    if route == "stream":
+        assert second[0] == 200 and second[2].startswith("chunk0 n=")
 
 
 def test_request_directives_and_authorization(cz: Launched) -> None:

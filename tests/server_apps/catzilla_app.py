@@ -85,3 +85,12 @@ def count(request: Any) -> Response:
 @app.get("/pid")
 def pid(request: Any) -> Response:
     return Response(body=str(os.getpid()), headers={"Cache-Control": "no-store"})
+
+
+@app.get("/stream")
+def stream(request: Any) -> Response:
+    from catzilla.streaming import StreamingResponse
+
+    n = _computed("stream")   # a streamed body is produced later: never stored
+    return StreamingResponse((f"chunk{i} n={n}\n" for i in range(3)),
+                             headers={"Cache-Control": "max-age=300"})
