@@ -489,7 +489,9 @@ class HttpStore:
             self.stats.not_stored += 1  # §4.4: invalidated while we computed it
             return
         now = self.clock()
-        kept = [(k, v) for k, v in headers if k.lower() not in d.drop]
+        # RFC 9110 §5.5: surrounding whitespace is not part of a field value (and some
+        # servers, h11, refuse to send it).
+        kept = [(k, v.strip(" \t")) for k, v in headers if k.lower() not in d.drop]
         names = {k.lower() for k, _ in kept}
         if "date" not in names:  # RFC 9110 §6.6.1: the origin's time, for Age later
             kept.append(("Date", formatdate(now, usegmt=True)))
