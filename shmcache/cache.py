@@ -1353,7 +1353,7 @@ class CachedClassMethod(Protocol[S_contra, P, R]):
                 ) -> BoundCachedFunction[P, R]: ...
 
 
-class CachedFunction(Generic[P, R]):
+class CachedFunction(Segment.HotCall[P, R], Generic[P, R]):
     """A function wrapped by :meth:`Cache.cached`; call it like the function.
 
     Extra methods take the function's arguments: ``key``, ``invalidate``, ``refresh``
@@ -1389,6 +1389,14 @@ class CachedFunction(Generic[P, R]):
                              dict[Key, L0Entry], bytearray] | None = (
             (self._prefix, cache._l0get, cache._l0, self._counters.l0_fast)
             if self._simple and opts.use_l0 and not self._async else None)
+        # Calls go to the C base type first (native/py/fastpath.c HotCall): it serves the
+        # hot path below without a Python frame and calls _call_slow for the rest.  The
+        # Python copy of the hot path runs only if C could not take it.
+        hot = self._hotpath
+        on = self._hot_configure(type(self)._call_slow, *(
+            (hot[1], hot[0], hot[2], hot[3], cache._short_limit, cache.max_key_len)
+            if hot is not None else ()))
+        self._py_hot = None if on else hot
 
     # -- keys ------------------------------------------------------------------------
 
@@ -1432,10 +1440,13 @@ class CachedFunction(Generic[P, R]):
 
     # -- calling ---------------------------------------------------------------------
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        hot = self._hotpath
-        hk: str | None = None
-        if hot is not None and not kwargs and len(args) == 1:
+    # Calling is the C base type's (Segment.HotCall): a hot-path hit there, else this.
+    def _call_slow(self, hk: str | None, /, *args: Any, **kwargs: Any) -> Any:
+        """Everything but a hot-path hit.  ``hk``: the key the C hot path built, checked
+        in the object cache and missed (only for keys short enough not to be shortened),
+        else None."""
+        hot = self._py_hot
+        if hk is None and hot is not None and not kwargs and len(args) == 1:
             # The hot path, inlined (every call and attribute lookup here costs ~20-70
             # ns of a sub-microsecond hit): one int/str argument whose object is in the
             # per-process cache without an envelope, and whose version in the segment is

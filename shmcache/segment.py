@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import posix_ipc
 
@@ -290,6 +290,35 @@ class PinnedValue:
             self.release()
 
 
+def _hotcall_type() -> Any:
+    """The C base type of the cached decorator (native/py/fastpath.c ``HotCall``),
+    taken from a FastSeg made without an engine handle; a pure-Python stand-in that
+    always takes the slow path if the extension cannot make one."""
+    box: list[Any] = []
+    if lib.shm_py_fastseg(ffi.NULL, ffi.cast("void *", id(_raise_code)),
+                          ffi.cast("void *", id(box))) == 0:
+        return box[0].hotcall_type()
+
+    class PyHotCall:
+        __class_getitem__ = classmethod(lambda cls, item: cls)
+
+        def _hot_configure(self, slow: Any, *hot: Any) -> bool:
+            self._hc_slow = slow
+            return False
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return self._hc_slow(self, None, *args, **kwargs)
+
+    return PyHotCall
+
+
+if TYPE_CHECKING:
+    from typing import Generic, ParamSpec, TypeVar
+
+    _P = ParamSpec("_P")
+    _R = TypeVar("_R")
+
+
 class Segment:
     """A handle on one shared-memory cache segment.
 
@@ -297,6 +326,25 @@ class Segment:
     thread-safe; a forked child may keep using its parent's handle (it gets its own
     process slot).  Keys are ``str`` (UTF-8) or bytes-like; values are bytes-like.
     """
+
+    # The cached decorator's C base type (shmcache.cache.CachedFunction derives from it).
+    if TYPE_CHECKING:
+        class HotCall(Generic[_P, _R]):
+            """Base of the cached decorator's function objects; calling one serves an
+            object cache hit of a one-int/str-argument call without a Python frame."""
+
+            def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R: ...
+
+            def _hot_configure(self, slow: Any, l0_get: Any = None,
+                               prefix: str | None = None,
+                               objects: dict[Any, Any] | None = None,
+                               hits: bytearray | None = None, short_limit: int = 0,
+                               key_limit: int = 0) -> bool:
+                """Set ``slow(self, key_or_None, *args, **kwargs)`` and the hot path (when
+                ``l0_get`` is a segment's direct-call ``l0_get``); True if it is on."""
+                ...
+    else:
+        HotCall = _hotcall_type()
 
     def __init__(self, handle: Any, name: str) -> None:
         self._h: Any = handle

@@ -37,6 +37,8 @@ typedef struct {
  * engine's thread-local buffer, which is cheaper than a wrong guess. */
 #define FP_DIRECT_MIN 1024
 
+static PyTypeObject FastSegType;
+
 static PyObject *fp_raise(FastSeg *self, int code, const char *msg) {
     PyObject *r = PyObject_CallFunction(self->raise, "is", code, msg);
     Py_XDECREF(r);
@@ -149,11 +151,58 @@ static PyObject *fp_get_info(FastSeg *self, PyObject *key) {
     return r;
 }
 
+/* The per-process object cache check shared by l0_get and HotCall: objects maps
+ * key -> (version, object, meta); a hit needs meta None and the entry's version in the
+ * segment unchanged (counted as a hit there, and in the native int64 held by the
+ * optional bytearray hits, at least 8 bytes).  1 and a new reference in *out on a hit,
+ * 0 on a miss, -1 with an exception set on an error. */
+static int fp_l0_lookup(FastSeg *self, PyObject *objects, PyObject *key, PyObject *hits,
+                        PyObject **out) {
+    PyObject *e = PyDict_GetItemWithError(objects, key);   /* borrowed */
+    if (!e) return PyErr_Occurred() ? -1 : 0;
+    if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 3 || PyTuple_GET_ITEM(e, 2) != Py_None ||
+        !PyLong_Check(PyTuple_GET_ITEM(e, 0)))
+        return 0;
+    unsigned long long want = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(e, 0));
+    if (want == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_INCREF(e);   /* the dict may change when the key's str is encoded */
+    const char *k;
+    Py_ssize_t kl;
+    PyObject *tmp;
+    if (!fp_open(self) || fp_key(self, key, &k, &kl, &tmp) < 0) {
+        Py_DECREF(e);
+        return -1;
+    }
+    shm_item_info info;
+    int r = shm_hit_info(self->c, k, (uint32_t)(kl > 0xffffffffLL ? 0xffffffff : kl), &info);
+    Py_XDECREF(tmp);
+    if (r == 0 && info.version == want) {
+        if (hits) {   /* the caller's hit counter: an int64 in a bytearray */
+            char *p = PyByteArray_AS_STRING(hits);
+            int64_t n;
+            memcpy(&n, p, 8);
+            n++;
+            memcpy(p, &n, 8);
+        }
+        *out = PyTuple_GET_ITEM(e, 1);
+        Py_INCREF(*out);
+        Py_DECREF(e);
+        return 1;
+    }
+    Py_DECREF(e);
+    if (r < 0 && r != SHM_MISS) {
+        fp_engine_error(self, r);
+        return -1;
+    }
+    return 0;
+}
+
 /* l0_get(objects, key, default, hits=None): a per-process object cache hit in one
- * call.  objects maps key -> (version, object, meta); the object is returned only if
- * meta is None and the entry's version in the segment is unchanged (counted as a hit
- * there, and in the native int64 held by the optional bytearray hits), else default.
- * For the cached decorator's hot path. */
+ * call (see fp_l0_lookup): the object, else default.  For the cached decorator's hot
+ * path when HotCall cannot take it. */
 static PyObject *fp_l0_get(FastSeg *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 3 || nargs > 4 || !PyDict_Check(args[0]) ||
         (nargs == 4 && !(PyByteArray_Check(args[3]) && PyByteArray_GET_SIZE(args[3]) >= 8))) {
@@ -161,49 +210,12 @@ static PyObject *fp_l0_get(FastSeg *self, PyObject *const *args, Py_ssize_t narg
                         "hits: bytearray(8) = None)");
         return NULL;
     }
-    PyObject *dflt = args[2];
-    PyObject *e = PyDict_GetItemWithError(args[0], args[1]);   /* borrowed */
-    if (!e) {
-        if (PyErr_Occurred()) return NULL;
-        goto miss;
-    }
-    if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 3 || PyTuple_GET_ITEM(e, 2) != Py_None ||
-        !PyLong_Check(PyTuple_GET_ITEM(e, 0)))
-        goto miss;
-    unsigned long long want = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(e, 0));
-    if (want == (unsigned long long)-1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        goto miss;
-    }
-    Py_INCREF(e);   /* the dict may change when the key's str is encoded */
-    const char *k;
-    Py_ssize_t kl;
-    PyObject *tmp;
-    if (!fp_open(self) || fp_key(self, args[1], &k, &kl, &tmp) < 0) {
-        Py_DECREF(e);
-        return NULL;
-    }
-    shm_item_info info;
-    int r = shm_hit_info(self->c, k, (uint32_t)(kl > 0xffffffffLL ? 0xffffffff : kl), &info);
-    Py_XDECREF(tmp);
-    if (r == 0 && info.version == want) {
-        if (nargs == 4) {   /* the caller's hit counter: an int64 in a bytearray */
-            char *p = PyByteArray_AS_STRING(args[3]);
-            int64_t n;
-            memcpy(&n, p, 8);
-            n++;
-            memcpy(p, &n, 8);
-        }
-        PyObject *v = PyTuple_GET_ITEM(e, 1);
-        Py_INCREF(v);
-        Py_DECREF(e);
-        return v;
-    }
-    Py_DECREF(e);
-    if (r < 0 && r != SHM_MISS) return fp_engine_error(self, r);
-miss:
-    Py_INCREF(dflt);
-    return dflt;
+    PyObject *v;
+    int r = fp_l0_lookup(self, args[0], args[1], nargs == 4 ? args[3] : NULL, &v);
+    if (r > 0) return v;
+    if (r < 0) return NULL;
+    Py_INCREF(args[2]);
+    return args[2];
 }
 
 static PyObject *fp_contains(FastSeg *self, PyObject *key) {
@@ -390,6 +402,227 @@ static void fp_dealloc(FastSeg *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* HotCall: the base type of shmcache.cache.CachedFunction.  Calling one serves the
+ * decorator's hot path without a Python frame: one positional int or str argument, no
+ * keywords -> key = prefix + repr(arg); if that key is short and its object is in the
+ * per-process object cache at the segment's current version (fp_l0_lookup), that
+ * object is the result.  A key longer than key_limit code points is never looked up
+ * (the slow path shortens it); only one of at most short_limit code points (so at most
+ * key_limit UTF-8 bytes: never shortened) is handed to the slow path as checked.  Anything else -- other arguments, a long key, a miss, or no
+ * hot path configured (async functions, key builders, namespaces, object cache off) --
+ * calls slow(self, key_or_None, *args, **kwargs), a plain function (not a bound
+ * method, so no reference cycle through self); key is the key built here when it was
+ * checked and missed, so the slow path need not build it again.  An engine error
+ * (closed segment) raises, as l0_get does.  No lock is held while Python runs. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *seg;         /* FastSeg whose l0_get was given, or NULL: no hot path */
+    PyObject *prefix;      /* str: "<function name>|" */
+    PyObject *objects;     /* dict: the Cache's object cache */
+    PyObject *hits;        /* bytearray(>= 8): the function's hit counter */
+    PyObject *slow;        /* slow(self, key, *args, **kwargs) */
+    Py_ssize_t short_limit;   /* pass the key on a miss only up to this length */
+    Py_ssize_t key_limit;     /* look up only keys up to this length */
+} HotCall;
+
+#define HC_STACK_ARGS 8
+
+static PyObject *hc_slow(HotCall *self, PyObject *hk, PyObject *const *args,
+                         Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *slow = self->slow;
+    if (!slow) {
+        Py_XDECREF(hk);
+        PyErr_SetString(PyExc_TypeError, "cached function is not initialized");
+        return NULL;
+    }
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    Py_ssize_t total = 2 + nargs + nkw;
+    /* One spare slot in front so the callee may use PY_VECTORCALL_ARGUMENTS_OFFSET. */
+    PyObject *stack[1 + HC_STACK_ARGS], **buf = stack;
+    if (total > HC_STACK_ARGS) {
+        buf = PyMem_Malloc((size_t)(1 + total) * sizeof(PyObject *));
+        if (!buf) {
+            Py_XDECREF(hk);
+            return PyErr_NoMemory();
+        }
+    }
+    buf[1] = (PyObject *)self;
+    buf[2] = hk ? hk : Py_None;
+    if (nargs + nkw) memcpy(buf + 3, args, (size_t)(nargs + nkw) * sizeof(PyObject *));
+    Py_INCREF(slow);   /* a call may re-configure or clear self */
+    Py_INCREF(self);
+    PyObject *r = PyObject_Vectorcall(slow, buf + 1,
+                                      (size_t)(2 + nargs) | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                      kwnames);
+    Py_DECREF(self);
+    Py_DECREF(slow);
+    Py_XDECREF(hk);
+    if (buf != stack) PyMem_Free(buf);
+    return r;
+}
+
+static PyObject *hc_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
+                               PyObject *kwnames) {
+    HotCall *self = (HotCall *)op;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *hk = NULL;
+    if (self->seg && nargs == 1 && (!kwnames || PyTuple_GET_SIZE(kwnames) == 0)) {
+        PyTypeObject *t = Py_TYPE(args[0]);
+        if (t == &PyLong_Type || t == &PyUnicode_Type) {   /* exact types: repr is fixed */
+            PyObject *r = PyObject_Repr(args[0]);
+            if (!r) return NULL;
+            hk = PyUnicode_Concat(self->prefix, r);
+            Py_DECREF(r);
+            if (!hk) return NULL;
+            if (PyUnicode_GET_LENGTH(hk) > self->key_limit) {
+                Py_CLEAR(hk);   /* the slow path shortens it */
+            } else {
+                /* Hold what the lookup uses: a hit counter or a key's encoding can run
+                 * no Python, but the dict lookup can (__eq__ of a colliding key). */
+                PyObject *seg = self->seg, *objects = self->objects, *hits = self->hits;
+                Py_INCREF(seg);
+                Py_INCREF(objects);
+                Py_INCREF(hits);
+                PyObject *v = NULL;
+                int rc = fp_l0_lookup((FastSeg *)seg, objects, hk, hits, &v);
+                Py_DECREF(seg);
+                Py_DECREF(objects);
+                Py_DECREF(hits);
+                if (rc != 0) {
+                    Py_DECREF(hk);
+                    return rc > 0 ? v : NULL;
+                }
+                if (PyUnicode_GET_LENGTH(hk) > self->short_limit)
+                    Py_CLEAR(hk);   /* may need shortening: the slow path decides */
+            }
+        }
+    }
+    return hc_slow(self, hk, args, nargs, kwnames);
+}
+
+static PyObject *hc_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    (void)args;
+    (void)kwds;
+    HotCall *self = (HotCall *)type->tp_alloc(type, 0);
+    if (self) self->vectorcall = hc_vectorcall;
+    return (PyObject *)self;
+}
+
+static int hc_traverse(HotCall *self, visitproc visit, void *arg) {
+    Py_VISIT(self->seg);
+    Py_VISIT(self->prefix);
+    Py_VISIT(self->objects);
+    Py_VISIT(self->hits);
+    Py_VISIT(self->slow);
+    return 0;
+}
+
+static int hc_clear(HotCall *self) {
+    Py_CLEAR(self->seg);
+    Py_CLEAR(self->prefix);
+    Py_CLEAR(self->objects);
+    Py_CLEAR(self->hits);
+    Py_CLEAR(self->slow);
+    return 0;
+}
+
+static void hc_dealloc(HotCall *self) {
+    PyObject_GC_UnTrack(self);
+    hc_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* _hot_configure(slow, l0_get=None, prefix=None, objects=None, hits=None,
+ * short_limit=0, key_limit=0) -> bool: set the slow path, and the hot path when l0_get is a
+ * segment's direct-call l0_get (True: the hot path is on). */
+static PyObject *hc_configure(HotCall *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 1 && nargs != 7) goto usage;
+    PyObject *slow = args[0];
+    if (!PyCallable_Check(slow)) goto usage;
+    PyObject *seg = NULL;
+    Py_ssize_t limit = 0, klimit = 0;
+    if (nargs == 7 && args[1] != Py_None) {
+        PyObject *l0get = args[1];
+        if (!PyUnicode_Check(args[2]) || !PyDict_Check(args[3]) ||
+            !(PyByteArray_Check(args[4]) && PyByteArray_GET_SIZE(args[4]) >= 8) ||
+            !PyLong_Check(args[5]) || !PyLong_Check(args[6]))
+            goto usage;
+        limit = PyLong_AsSsize_t(args[5]);
+        if (limit == -1 && PyErr_Occurred()) return NULL;
+        klimit = PyLong_AsSsize_t(args[6]);
+        if (klimit == -1 && PyErr_Occurred()) return NULL;
+        if (klimit < limit) klimit = limit;
+        if (PyCFunction_Check(l0get) &&
+            PyCFunction_GET_FUNCTION(l0get) == (PyCFunction)(void (*)(void))fp_l0_get &&
+            PyCFunction_GET_SELF(l0get) &&
+            Py_TYPE(PyCFunction_GET_SELF(l0get)) == &FastSegType)
+            seg = PyCFunction_GET_SELF(l0get);
+    }
+    Py_INCREF(slow);
+    Py_XSETREF(self->slow, slow);
+    if (seg) {
+        Py_INCREF(seg);
+        Py_INCREF(args[2]);
+        Py_INCREF(args[3]);
+        Py_INCREF(args[4]);
+        Py_XSETREF(self->prefix, args[2]);
+        Py_XSETREF(self->objects, args[3]);
+        Py_XSETREF(self->hits, args[4]);
+        self->short_limit = limit;
+        self->key_limit = klimit;
+    }
+    Py_XSETREF(self->seg, seg);   /* last: a call never sees a half-set hot path */
+#if PY_VERSION_HEX < 0x030C0000
+    /* Before 3.12 a Python subclass does not inherit Py_TPFLAGS_HAVE_VECTORCALL, so
+     * calls would build an argument tuple for tp_call; set it on the subclass unless it
+     * overrides __call__ (3.12+ inherits it the same way, and drops it on override). */
+    PyTypeObject *tp = Py_TYPE(self);
+    if (tp->tp_call == PyVectorcall_Call &&
+        tp->tp_vectorcall_offset == offsetof(HotCall, vectorcall))
+        tp->tp_flags |= Py_TPFLAGS_HAVE_VECTORCALL;
+#endif
+    return PyBool_FromLong(seg != NULL);
+usage:
+    PyErr_SetString(PyExc_TypeError, "_hot_configure(slow, l0_get=None, prefix: str, "
+                    "objects: dict, hits: bytearray(8), short_limit: int, "
+                    "key_limit: int)");
+    return NULL;
+}
+
+static PyMethodDef hc_methods[] = {
+    {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS,
+     "HotCall[P, R]: generic in annotations, as its Python subclass is."},
+    {"_hot_configure", (PyCFunction)(void (*)(void))hc_configure, METH_FASTCALL,
+     "_hot_configure(slow, l0_get=None, prefix=None, objects=None, hits=None, "
+     "short_limit=0, key_limit=0) -> bool: the slow path, and the hot path if l0_get is a "
+     "segment's direct-call l0_get (internal)."},
+    {NULL, NULL, 0, NULL}};
+
+static PyTypeObject HotCallType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmcache._native.HotCall",
+    .tp_basicsize = sizeof(HotCall),
+    .tp_dealloc = (destructor)hc_dealloc,
+    .tp_vectorcall_offset = offsetof(HotCall, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC |
+                Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Base of shmcache.cache.CachedFunction: its hot path in C (internal).",
+    .tp_traverse = (traverseproc)hc_traverse,
+    .tp_clear = (inquiry)hc_clear,
+    .tp_methods = hc_methods,
+    .tp_new = hc_new,
+};
+
+static PyObject *fp_hotcall_type(FastSeg *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    if (!(HotCallType.tp_flags & Py_TPFLAGS_READY) && PyType_Ready(&HotCallType) < 0)
+        return NULL;
+    Py_INCREF(&HotCallType);
+    return (PyObject *)&HotCallType;
+}
+
 static PyMethodDef fp_methods[] = {
     {"get", (PyCFunction)(void (*)(void))fp_get, METH_FASTCALL,
      "get(key, default=None) -> bytes: copy of the value, or default on a miss."},
@@ -410,6 +643,8 @@ static PyMethodDef fp_methods[] = {
     {"version", (PyCFunction)fp_version, METH_O,
      "version(key) -> (version, flags) | None: count a hit served from a caller's own "
      "copy of the value, without copying it."},
+    {"hotcall_type", (PyCFunction)fp_hotcall_type, METH_NOARGS,
+     "hotcall_type() -> type: the C base type of the cached decorator (HotCall)."},
     {"detach", (PyCFunction)fp_detach, METH_NOARGS,
      "Forget the engine handle (called by Segment.close before it is freed)."},
     {NULL, NULL, 0, NULL}};
