@@ -570,6 +570,28 @@ def test_invalidation_during_a_fill_wins(cache: Cache) -> None:
     assert get(url).x_cache == "MISS" and mw.stats.stores == 0
 
 
+def test_invalidation_racing_the_index_write_wins(cache: Cache,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    mw, get = setup(cache)
+    url = q("race-index", PUB60, "Vary:Accept-Language")
+    get(url, headers=[("Accept-Language", "en")])
+    assert get(url, headers=[("Accept-Language", "en")]).x_cache == "HIT"
+    real_set = cache.set
+
+    def set_racing(key: Any, value: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(value, bytes) and value.startswith(b"SHX1"):
+            # A POST's invalidation lands after the fill checked the epoch and
+            # before it writes the URL's index (with the old nonce).
+            mw.invalidate("http://127.0.0.1" + url)
+        real_set(key, value, *args, **kwargs)
+    monkeypatch.setattr(cache, "set", set_racing)
+    get(url, headers=[("Accept-Language", "fr")])
+    monkeypatch.undo()
+    # Neither the new variant nor the one stored before the invalidation is served.
+    assert get(url, headers=[("Accept-Language", "en")]).x_cache == "MISS"
+    assert get(url, headers=[("Accept-Language", "fr")]).x_cache == "MISS"
+
+
 # -- bodies: size, streaming, write(), close() ------------------------------------------------
 
 class Tracked:

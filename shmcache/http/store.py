@@ -515,6 +515,13 @@ class HttpStore:
             self.stats.store_errors += 1
             _log.debug("shmcache.http: not stored (%s)", type(e).__name__)
             return
+        if self.epoch(req) != epoch:
+            # An invalidation (epoch bump, then index delete) ran between our check
+            # and our index write, which may have put its nonce back and made the
+            # variants it meant to drop reachable again: drop the index ourselves.
+            self.cache.delete(req.key)
+            self.stats.not_stored += 1
+            return
         self.stats.stores += 1
 
     # -- invalidation (RFC 9111 §4.4) -------------------------------------------------
