@@ -22,6 +22,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -143,6 +144,20 @@ class _BadSealLog:
         _log.warning("shmcache: refused the value of %r from %s: %s", key[:200], tier, err)
 
 
+#: Every tier of this process: a forked child (a gunicorn worker forked while the
+#: master's sidecar thread was mid-call) must not inherit a lock held at the fork.
+_live_tiers: weakref.WeakSet[RedisTier | DiskTier] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for t in list(_live_tiers):
+        t._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class RedisTier:
     """L2: a Redis server (``url``) or a Redis Cluster (``cluster_nodes``)."""
 
@@ -168,6 +183,13 @@ class RedisTier:
         self._client_lock = threading.Lock()
         self._pid = os.getpid()
         self._bad = _BadSealLog()
+        _live_tiers.add(self)
+
+    def _reset_after_fork(self) -> None:
+        # The parent's client and its sockets are the parent's: drop, never close.
+        self._client_lock = threading.Lock()
+        self.breaker._lock = threading.Lock()
+        self._client = None
 
     # -- connection ----------------------------------------------------------------------
 
@@ -359,6 +381,12 @@ class DiskTier:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._bad = _BadSealLog()
+        _live_tiers.add(self)
+
+    def _reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self.breaker._lock = threading.Lock()
+        self._dc = None  # SQLite connections must not cross a fork
 
     def _cache(self) -> Any:
         if self._dc is None or self._pid != os.getpid():
