@@ -187,6 +187,7 @@ def _after_fork_in_child() -> None:
     # The parent's refresh threads and tasks do not exist here, and its lock may have
     # been held at the fork: start over (the pool is recreated on first use).
     for c in list(_live_caches):
+        c._reg_lock = threading.Lock()
         c._bg_lock = threading.Lock()
         c._bg_pool = None
         c._bg_futures = set()
