@@ -34,10 +34,11 @@ import logging
 import os
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from email.utils import formatdate
-from typing import Final
+from typing import Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from .. import stampede
@@ -64,6 +65,10 @@ _U64: Final = struct.Struct("!Q")
 _INDEX_MIN_TTL: Final = 3600.0
 #: The epoch counter of a URL: long enough to cover any fill in progress.
 _EPOCH_TTL: Final = 86400.0
+#: Decoded entries kept per process (and only small ones: the memo may keep a body alive
+#: after the cache's object cache dropped it).
+_MEMO_SIZE: Final = 256
+_MEMO_MAX_BODY: Final = 32 << 10
 #: Fields sent with a 304 (RFC 9110 §15.4.5), besides Age and X-Cache.
 _304_FIELDS: Final = frozenset({"cache-control", "content-location", "date", "etag", "expires",
                                 "vary"})
@@ -173,6 +178,19 @@ def _reason(status: int, reason: str) -> str:
         return ""
 
 
+_T = TypeVar("_T")
+
+
+def _remember(memo: OrderedDict[str, tuple[object, _T]], key: str, data: object,
+              decoded: _T) -> None:
+    """Keep a decoding for as long as the cache returns the very same bytes object: its
+    object cache does so while the entry is unchanged (validated by version), so
+    identity proves the decoding current.  FIFO-bounded."""
+    memo[key] = (data, decoded)
+    while len(memo) > _MEMO_SIZE:
+        memo.popitem(last=False)
+
+
 # -- requests, responses, statistics ------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -276,6 +294,10 @@ class HttpStore:
         self.x_cache = x_cache_header
         self.add_etag = add_etag
         self.stats = HttpStats()
+        # key -> (the bytes object the cache returned, its decoding); see _remember.
+        self._memo_index: OrderedDict[str, tuple[object, tuple[bytes, tuple[str, ...]]]] = \
+            OrderedDict()
+        self._memo_entry: OrderedDict[str, tuple[object, Entry]] = OrderedDict()
         #: Wall clock for freshness and ages; a test hook (the engine's TTLs only bound
         #: memory and do not use it).
         self.clock: Callable[[], float] = time.time
@@ -345,7 +367,23 @@ class HttpStore:
     # -- lookups ----------------------------------------------------------------------
 
     def _index(self, key: str) -> tuple[bytes, tuple[str, ...]] | None:
-        return _decode_index(self.cache.get(key))
+        data = self.cache.get(key)
+        memo = self._memo_index.get(key)
+        if memo is not None and memo[0] is data:
+            return memo[1]
+        idx = _decode_index(data)
+        if idx is not None:
+            _remember(self._memo_index, key, data, idx)
+        return idx
+
+    def _decode(self, key: str, data: object) -> Entry | None:
+        memo = self._memo_entry.get(key)
+        if memo is not None and memo[0] is data:
+            return memo[1]
+        entry = decode_entry(data)
+        if entry is not None and len(entry.body) <= _MEMO_MAX_BODY:
+            _remember(self._memo_entry, key, data, entry)
+        return entry
 
     @staticmethod
     def _variant_key(key: str, nonce: bytes, digest: str) -> str:
@@ -360,7 +398,7 @@ class HttpStore:
             return Found(MISS)
         nonce, vary = idx
         variant = self._variant_key(req.key, nonce, policy.vary_digest(vary, req.facts.headers))
-        entry = decode_entry(self.cache.get(variant))
+        entry = self._decode(variant, self.cache.get(variant))
         if entry is None:
             return Found(MISS, None, variant)
         return Found(self._judge(req, entry, self.clock()), entry, variant)

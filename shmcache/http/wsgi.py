@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 from ..cache import Cache
 from .policy import StoreDecision
@@ -48,6 +48,54 @@ def _close(result: object) -> None:
 def _split_status(status: str) -> tuple[int, str]:
     code, _, reason = status.partition(" ")
     return int(code), reason
+
+
+_CONTENT_KEYS: Final = {"content-type": "CONTENT_TYPE", "content-length": "CONTENT_LENGTH"}
+#: Header name -> environ key, filled as names are asked for (a few dozen at most).
+_ENV_KEYS: dict[str, str] = dict(_CONTENT_KEYS)
+
+
+class _EnvironHeaders(Mapping[str, Sequence[str]]):
+    """The request headers of an environ, read on demand: a hit asks for a handful of
+    them, so copying all of them per request would be most of its cost."""
+
+    __slots__ = ("_env",)
+
+    def __init__(self, environ: Mapping[str, Any]) -> None:
+        self._env = environ
+
+    def get(self, name: str, default: Any = None) -> Any:  # the hot path: no KeyError
+        key = _ENV_KEYS.get(name)
+        if key is None:
+            key = "HTTP_" + name.upper().replace("-", "_")
+            if len(_ENV_KEYS) < 1024:  # names come from Vary: bounded, but be sure
+                _ENV_KEYS[name] = key
+        value = self._env.get(key)
+        # PEP 3333: CONTENT_TYPE / CONTENT_LENGTH "may be empty or absent" (both mean
+        # not sent); any other header sent empty is there, with an empty value.
+        if value is None or (value == "" and name in _CONTENT_KEYS):
+            return default
+        return (str(value),)
+
+    def __getitem__(self, name: str) -> Sequence[str]:
+        value: Sequence[str] | None = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        for k in self._env:
+            if k.startswith("HTTP_"):
+                yield k[5:].replace("_", "-").lower()
+        for name, key in _CONTENT_KEYS.items():
+            if self._env.get(key):
+                yield name
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class _Chain:
@@ -282,15 +330,7 @@ class CacheMiddleware:
     # -- requests ---------------------------------------------------------------------
 
     def _request(self, environ: Mapping[str, Any]) -> HttpRequest:
-        headers: dict[str, list[str]] = {}
-        for k, v in environ.items():
-            if k.startswith("HTTP_"):
-                headers[k[5:].replace("_", "-").lower()] = [v]
-        # PEP 3333: CONTENT_TYPE / CONTENT_LENGTH "may be empty or absent".
-        for k, name in (("CONTENT_TYPE", "content-type"), ("CONTENT_LENGTH", "content-length")):
-            v = environ.get(k)
-            if v:
-                headers[name] = [v]
+        headers = _EnvironHeaders(environ)
         scheme = str(environ.get("wsgi.url_scheme", "http"))
         host = environ.get("HTTP_HOST")
         if not host:
