@@ -888,9 +888,27 @@ class Cache:
 
     # -- async twins -----------------------------------------------------------------
 
+    # The async twins share the sync implementation.  Whatever stays in the segment
+    # (microseconds) runs on the event loop's thread; whatever may wait on Redis or the
+    # disk -- a read that misses L1 with lower levels configured, any write in
+    # write-through mode -- runs in a worker thread, so the loop never blocks on I/O.
+
+    def _may_block(self, key: str | bytes, namespace: str | None) -> bool:
+        if self._lower is None:
+            return False
+        try:
+            return not self.segment.contains(self._full_key(key, namespace))
+        except (TypeError, ShmCacheError):
+            return False  # let the sync call raise its own error
+
+    async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
     async def aget(self, key: str | bytes, default: Any = None, *,
                    namespace: str | None = None) -> Any:
         """Async :meth:`get`."""
+        if self._may_block(key, namespace):
+            return await self._io(self.get, key, default, namespace=namespace)
         return self.get(key, default, namespace=namespace)
 
     async def aset(self, key: str | bytes, value: Any,
@@ -898,41 +916,62 @@ class Cache:
                    namespace: str | None = None, serializer: str | Serializer | None = None,
                    compression: bool | str | None = None) -> None:
         """Async :meth:`set`."""
-        self.set(key, value, ttl, tags=tags, namespace=namespace, serializer=serializer,
-                 compression=compression)
+        kw: dict[str, Any] = {"tags": tags, "namespace": namespace,
+                              "serializer": serializer, "compression": compression}
+        if self._write_through:
+            return await self._io(self.set, key, value, ttl, **kw)
+        self.set(key, value, ttl, **kw)
 
     async def aadd(self, key: str | bytes, value: Any, ttl: float | None | _Unset = _UNSET,
                    *, tags: Iterable[str] = (), namespace: str | None = None) -> bool:
         """Async :meth:`add`."""
+        if self._write_through:
+            return await self._io(self.add, key, value, ttl, tags=tags, namespace=namespace)
         return self.add(key, value, ttl, tags=tags, namespace=namespace)
 
     async def adelete(self, key: str | bytes, *, namespace: str | None = None) -> bool:
         """Async :meth:`delete`."""
+        if self._write_through:
+            return await self._io(self.delete, key, namespace=namespace)
         return self.delete(key, namespace=namespace)
 
     async def atouch(self, key: str | bytes, ttl: float | None | _Unset = _UNSET, *,
                      namespace: str | None = None) -> bool:
         """Async :meth:`touch`."""
+        if self._write_through:
+            return await self._io(self.touch, key, ttl, namespace=namespace)
         return self.touch(key, ttl, namespace=namespace)
 
     async def aincr(self, key: str | bytes, delta: int = 1, *, initial: int = 0,
                     ttl: float | None = None, namespace: str | None = None) -> int:
         """Async :meth:`incr`."""
+        if self._write_through:
+            return await self._io(self.incr, key, delta, initial=initial, ttl=ttl,
+                                  namespace=namespace)
         return self.incr(key, delta, initial=initial, ttl=ttl, namespace=namespace)
 
     async def aget_many(self, keys: Iterable[str | bytes], *,
                         namespace: str | None = None) -> dict[str | bytes, Any]:
         """Async :meth:`get_many`."""
-        return self.get_many(keys, namespace=namespace)
+        out: dict[str | bytes, Any] = {}
+        for k in keys:
+            v = await self.aget(k, MISSING, namespace=namespace)
+            if v is not MISSING:
+                out[k] = v
+        return out
 
     async def aset_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]],
                         ttl: float | None | _Unset = _UNSET, *, tags: Iterable[str] = (),
                         namespace: str | None = None) -> None:
         """Async :meth:`set_many`."""
+        if self._write_through:
+            return await self._io(self.set_many, items, ttl, tags=tags, namespace=namespace)
         self.set_many(items, ttl, tags=tags, namespace=namespace)
 
     async def aclear(self) -> None:
         """Async :meth:`clear`."""
+        if self._write_through:
+            return await self._io(self.clear)
         self.clear()
 
     # -- decorator -------------------------------------------------------------------
@@ -1486,8 +1525,15 @@ class CachedFunction(Segment.HotCall[P, R], Generic[P, R]):
         except STORE_ERRORS as e:  # the namespace counter could not be created
             self._store_failed(e, "namespace")
             return await self._fn(*args, **kwargs)
-        st, v = self._cache._lookup(key, self._counters, self._o.use_l0, True,
-                                    lower_mask=self._o.lower_mask)
+        cache, mask = self._cache, self._o.lower_mask
+        if cache._lower is not None and mask != _NO_LOWER and \
+                not cache.segment.contains(key):
+            # An L1 miss may wait on Redis or the disk: not on the event loop's thread.
+            st, v = await asyncio.to_thread(cache._lookup, key, self._counters,
+                                            self._o.use_l0, True, lower_mask=mask)
+        else:
+            st, v = cache._lookup(key, self._counters, self._o.use_l0, True,
+                                  lower_mask=mask)
         if st == FRESH:
             return v
         flow = self._flow(key, (st, v), args, kwargs)
