@@ -60,12 +60,9 @@ Example (outside a Django project, ``settings.configure`` stands in for settings
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import os
 import pickle
-import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from typing import Any, Final
 
@@ -79,11 +76,10 @@ from ..errors import (
     SegmentFullError,
     ShmCacheError,
     ValueTooLargeError,
-    VersionMismatchError,
 )
 from ..keys import shorten
-from ..segment import Segment
-from ..serializers import Serializer, get_serializer
+from ..serializers import get_serializer
+from ._common import digest, shared_cache, update_entry
 
 __all__ = ["ShmCache"]
 
@@ -98,33 +94,6 @@ _IGNORED_OPTIONS: Final = frozenset({"MAX_ENTRIES", "CULL_FREQUENCY"})
 #: CacheConfig fields that Django spells elsewhere in the CACHES entry.
 _SPELLED_ELSEWHERE: Final = {"name": "LOCATION", "default_ttl": "TIMEOUT"}
 _CONFIG_FIELDS: Final = frozenset(f.name for f in fields(CacheConfig))
-
-# One shmcache.Cache per configuration per process.  Django makes a backend object per
-# thread (and per asyncio context) and per alias; they must not each attach the segment.
-# A list compared with ==: a CacheConfig may hold unhashable fields (mappings).
-_shared: list[tuple[CacheConfig, Cache]] = []
-_shared_lock = threading.Lock()
-
-
-def _reset_lock_after_fork() -> None:
-    # A thread of the parent may have held the lock at fork(); the Caches themselves
-    # stay usable in the child (a forked process gets its own segment slot).
-    global _shared_lock
-    _shared_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_lock_after_fork)
-
-
-def _shared_cache(cfg: CacheConfig) -> Cache:
-    with _shared_lock:
-        for known, cache in _shared:
-            if known == cfg:
-                return cache
-        cache = Cache(cfg)
-        _shared.append((cfg, cache))
-        return cache
-
 
 def _config(location: str, options: Mapping[str, Any]) -> CacheConfig:
     """``CacheConfig`` from ``LOCATION`` and ``OPTIONS`` (field names, any case)."""
@@ -146,86 +115,6 @@ def _config(location: str, options: Mapping[str, Any]) -> CacheConfig:
         return CacheConfig(name=location or None, **kw)
     except (TypeError, ValueError) as e:
         raise ImproperlyConfigured(f"shmcache: invalid OPTIONS: {e}") from e
-
-
-def _digest(key: str | bytes) -> str:
-    # Logs name an entry by a digest: keys can be secrets (session keys, tokens).
-    raw = key.encode() if isinstance(key, str) else key
-    return hashlib.blake2b(raw, digest_size=6).hexdigest()
-
-
-def _update_entry(cache: Cache, ser: Serializer, key: str,
-                  fn: Callable[[Any], Any]) -> Any:
-    """Replace the value of ``key`` by ``fn(value)`` atomically across processes and
-    keep its expiry; return the new value, or ``MISSING`` if the key is absent.
-
-    A compare-and-set loop: the value is read between two looks at the entry's version
-    (versions are segment-global and only grow, so equal versions mean the value read
-    is that version's) and written back with ``expect_version``; a write by any other
-    process in between makes the write fail and the loop read again.  ``key`` is the
-    segment key (already shortened, so ``Cache`` maps it to itself).
-    """
-    seg = cache.segment
-    while True:
-        before = seg.info(key)
-        if before is None:
-            return MISSING
-        value = cache.get(key, MISSING)
-        after = seg.info(key)
-        if after is None or value is MISSING:
-            return MISSING
-        if after.version != before.version:
-            continue
-        new = fn(value)
-        data = ser.dumps(new)
-        if after.expires_at is None:
-            try:
-                seg.set(key, data, None, flags=ser.id, expect_version=after.version)
-            except (VersionMismatchError, KeyError):
-                continue  # written, deleted or evicted meanwhile: look again
-            return new
-        done = _write_keeping_expiry(seg, key, data, ser.id, after.version,
-                                     round(after.expires_at * 1000))
-        if done is None:
-            continue
-        return new if done else MISSING
-
-
-def _write_keeping_expiry(seg: Segment, key: str, data: bytes, flags: int, version: int,
-                          expires_ms: int) -> bool | None:
-    """Write ``data`` over ``version`` so that the entry still expires at
-    ``expires_ms``: True once written, False if it expired first, None if another
-    write got there first.
-
-    The engine takes a relative TTL and adds its own clock.  When that clock ticks
-    between our reading it and the write, the expiry lands a millisecond late; then the
-    write is repeated (a compare-and-set on the version it just made) until it lands
-    exactly.  Otherwise a counter incremented all the time (a rate limit's window)
-    would creep later and later.
-    """
-    first = True
-    while True:
-        now_ms = round(seg.now() * 1000)
-        left_ms = expires_ms - now_ms
-        if left_ms <= 0:
-            if first:
-                return False
-            with contextlib.suppress(ShmCacheError):  # ours, and due by now
-                seg.delete(key, expect_version=version)
-            return True
-        try:
-            # +0.5 ms: the engine floors seconds * 1000, and the float may land below.
-            version = seg.set(key, data, (left_ms + 0.5) / 1000, flags=flags,
-                              expect_version=version)
-        except (VersionMismatchError, KeyError):
-            return None if first else True  # after ours, another write: it stands
-        first = False
-        if round(seg.now() * 1000) == now_ms:
-            return True  # the engine read the same millisecond
-        info = seg.info(key)
-        if (info is None or info.version != version or info.expires_at is None
-                or round(info.expires_at * 1000) == expires_ms):
-            return True
 
 
 class ShmCache(BaseCache):  # type: ignore[misc]  # django ships no type information
@@ -250,7 +139,7 @@ class ShmCache(BaseCache):  # type: ignore[misc]  # django ships no type informa
     def __init__(self, location: str, params: dict[str, Any]) -> None:
         super().__init__(params)
         self._config = _config(location, params.get("OPTIONS") or {})
-        self._cache = _shared_cache(self._config)
+        self._cache = shared_cache(self._config)
         self._ser = get_serializer(self._config.serializer)
         self._max_key_len = self._cache.max_key_len
 
@@ -295,7 +184,7 @@ class ShmCache(BaseCache):  # type: ignore[misc]  # django ships no type informa
         with contextlib.suppress(ShmCacheError):
             self._cache.delete(key)
         _log.warning("shmcache: could not store the entry with key digest %s (%s); the "
-                     "key is now absent", _digest(key), type(exc).__name__)
+                     "key is now absent", digest(key), type(exc).__name__)
 
     # -- the sync API ----------------------------------------------------------------
 
@@ -311,7 +200,7 @@ class ShmCache(BaseCache):  # type: ignore[misc]  # django ships no type informa
             return self._cache.add(k, value, ttl)
         except _STORE_ERRORS as e:
             _log.warning("shmcache: could not add the entry with key digest %s (%s)",
-                         _digest(k), type(e).__name__)
+                         digest(k), type(e).__name__)
             return False
         except TypeError as e:
             # shmcache's serializer reports an unpicklable value as a TypeError raised
@@ -363,7 +252,7 @@ class ShmCache(BaseCache):  # type: ignore[misc]  # django ships no type informa
         ``ValueError`` if the key is absent, ``TypeError`` if its value is not a number.
         """
         k = self._key(key, version)
-        new = _update_entry(self._cache, self._ser, k, lambda v: v + delta)
+        new = update_entry(self._cache, self._ser, k, lambda v: v + delta)
         if new is MISSING:
             raise ValueError(f"Key '{key}' not found")
         return new
