@@ -129,6 +129,20 @@ def _redact(msg: str) -> str:
     return re.sub(r"//[^/@\s]*@", "//***@", msg)
 
 
+def _verified(tier: RedisTier | DiskTier, key: bytes, blob: object) -> Sealed | None:
+    """Open a blob read from ``tier``: None (counted as a miss) if absent or refused."""
+    if blob is None:
+        tier.stats.misses += 1
+        return None
+    try:
+        return tier.sealer.open(key, blob if isinstance(blob, bytes) else b"")
+    except BadSeal as e:
+        tier.stats.bad_seals += 1
+        tier.stats.misses += 1
+        tier._bad.note(tier.name, key, e)
+        return None
+
+
 class _BadSealLog:
     """Logs a refused value once per key (bounded), never its content."""
 
@@ -246,15 +260,8 @@ class RedisTier:
             self._failed(e)
             return None
         self.breaker.ok()
-        if blob is None:
-            self.stats.misses += 1
-            return None
-        try:
-            got = self.sealer.open(key, blob)
-        except BadSeal as e:
-            self.stats.bad_seals += 1
-            self.stats.misses += 1
-            self._bad.note(self.name, key, e)
+        got = _verified(self, key, blob)
+        if got is None:
             return None
         if got.tombstone:
             self.stats.misses += 1
@@ -423,15 +430,8 @@ class DiskTier:
             self._failed(e)
             return None
         self.breaker.ok()
-        if blob is None:
-            self.stats.misses += 1
-            return None
-        try:
-            got = self.sealer.open(key, blob if isinstance(blob, bytes) else b"")
-        except BadSeal as e:
-            self.stats.bad_seals += 1
-            self.stats.misses += 1
-            self._bad.note(self.name, key, e)
+        got = _verified(self, key, blob)
+        if got is None:
             return None
         if got.tombstone or (got.expires_at is not None and got.expires_at <= time.time()):
             self.stats.misses += 1
