@@ -80,6 +80,8 @@ async def acall(app: ASGIApp, path_qs: str, method: str = "GET",
         # The ASGI message sequence a server enforces.
         if not sent:
             assert message["type"] == "http.response.start", message
+            # ASGI: "Header names must be lowercased".
+            assert all(bytes(k) == bytes(k).lower() for k, _ in message["headers"])
         else:
             assert message["type"] == "http.response.body", message
             assert sent[-1]["type"] == "http.response.start" or sent[-1].get("more_body"), \

@@ -42,7 +42,8 @@ def _decode_headers(raw: Sequence[Sequence[bytes]]) -> list[tuple[str, str]]:
 
 
 def _encode_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    # ASGI: "Header names must be lowercased" (entries stored through WSGI are not).
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
 def _unconditional(scope: Scope) -> Scope:
@@ -165,7 +166,7 @@ class ASGICacheMiddleware:
         ...     await wrapped({"type": "http", "method": "GET", "scheme": "http",
         ...                    "path": "/", "query_string": b"",
         ...                    "headers": [(b"host", b"example.com")]}, receive, send)
-        ...     return dict(sent[0]["headers"])[b"X-Cache"], sent[1]["body"]
+        ...     return dict(sent[0]["headers"])[b"x-cache"], sent[1]["body"]
         >>> asyncio.run(get()), asyncio.run(get())
         ((b'MISS', b'hello'), (b'HIT', b'hello'))
         >>> cache.close(); cache.unlink()
