@@ -220,6 +220,7 @@ def test_computed_once_then_a_hit_in_the_other_worker(server: Server) -> None:
     assert hit.body == miss.body and f"pid={computed_by}".encode() in hit.body
     assert computes(server.cache, u) == 1
     assert hit.headers["ETag"] == miss.headers["ETag"] and hit.headers["Age"] is not None
+    assert len(hit.headers.get_all("Date") or []) == 1  # the server's, not a second one
 
 
 def test_etag_is_identical_when_another_worker_recomputes(server: Server) -> None:

@@ -434,6 +434,19 @@ def test_if_modified_since(cache: Cache) -> None:
     assert newer.status == 304 and older.status == 200
 
 
+def test_if_modified_since_without_dates_uses_the_storage_time(cache: Cache) -> None:
+    _, get = setup(cache)
+    url = q("ims-stored", MAX60)
+    stored = get(url)
+    assert stored.h("Date") is None  # none added: the server sends its own
+    hit = get(url)
+    assert hit.x_cache == "HIT" and hit.h("Date") is None
+    assert get(url, headers=[("If-Modified-Since", "Fri, 01 Jan 2100 00:00:00 GMT")]).status \
+        == 304
+    assert get(url, headers=[("If-Modified-Since", "Fri, 01 Jan 2010 00:00:00 GMT")]).status \
+        == 200
+
+
 def test_application_etag_is_kept(cache: Cache) -> None:
     _, get = setup(cache)
     url = q("own-etag", MAX60, 'ETag:"v1"')
@@ -639,6 +652,19 @@ def test_large_bodies_stream_through_unstored(cache: Cache) -> None:
     assert mw.stats.stores == 0
     mw(environ("/big"), lambda s, h, e=None: None)
     assert len(its) == 2
+
+
+def test_a_response_the_segment_cannot_take_is_served_anyway(cache: Cache) -> None:
+    import os
+    body = os.urandom(int(cache.segment.config()["max_value_len"]) + 4096)  # incompressible
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "application/octet-stream"), MAX_PAIR])
+        return [body]
+    mw, get = setup(cache, app, max_body_size=len(body) * 2)
+    r = get("/huge")
+    assert r.status == 200 and r.body == body and r.x_cache == "MISS"
+    assert mw.stats.store_errors == 1 and get("/huge").x_cache == "MISS"
 
 
 def test_declared_large_body_is_not_buffered_at_all(cache: Cache) -> None:

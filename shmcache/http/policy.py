@@ -579,10 +579,12 @@ def if_none_match_matches(value: str, etag: str | None) -> bool:
     return any(tag == mine for _, tag in parse_entity_tags(value))
 
 
-def not_modified(req: RequestFacts, headers: Sequence[tuple[str, str]]) -> bool:
+def not_modified(req: RequestFacts, headers: Sequence[tuple[str, str]],
+                 received: float | None = None) -> bool:
     """Would the conditional GET/HEAD ``req`` get a 304 from a response with these
     headers (RFC 9111 §4.3.2, RFC 9110 §13.2.2)?  If-None-Match wins over
-    If-Modified-Since; the latter compares ``Last-Modified``, else ``Date``.
+    If-Modified-Since; the latter compares ``Last-Modified``, else ``Date``, else
+    ``received`` (when the cache received the response).
     """
     if req.method not in ("GET", "HEAD"):
         return False
@@ -594,5 +596,5 @@ def not_modified(req: RequestFacts, headers: Sequence[tuple[str, str]]) -> bool:
     if ims is None:
         return False
     last = _one(headers, "last-modified") or _one(headers, "date")
-    when = parse_http_date(last[0]) if last else None
+    when = parse_http_date(last[0]) if last else received
     return when is not None and when <= ims

@@ -37,7 +37,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from email.utils import formatdate
 from typing import Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -433,7 +432,7 @@ class HttpStore:
         extra = [("Age", age)]
         if self.x_cache:
             extra.append((self.x_cache, "HIT"))
-        if policy.not_modified(req.facts, entry.headers):
+        if policy.not_modified(req.facts, entry.headers, entry.stored_at):
             self.stats.not_modified += 1
             kept = [(k, v) for k, v in entry.headers if k.lower() in _304_FIELDS]
             return Response(304, "Not Modified", kept + extra, b"")
@@ -502,7 +501,7 @@ class HttpStore:
             self._store(req, decision, status, reason, out, body, epoch)
         else:
             self.stats.not_stored += 1
-        if policy.not_modified(req.facts, out):
+        if policy.not_modified(req.facts, out, self.clock()):
             self.stats.not_modified += 1
             kept = [(k, v) for k, v in out if k.lower() in _304_FIELDS]
             return Response(304, "Not Modified", self.miss_headers(kept), b"")
@@ -530,9 +529,9 @@ class HttpStore:
         # RFC 9110 §5.5: surrounding whitespace is not part of a field value (and some
         # servers, h11, refuse to send it).
         kept = [(k, v.strip(" \t")) for k, v in headers if k.lower() not in d.drop]
+        # No Date is added: the server sends its own (a second one would be a
+        # duplicate singleton field), and Age tells the age (§5.1).
         names = {k.lower() for k, _ in kept}
-        if "date" not in names:  # RFC 9110 §6.6.1: the origin's time, for Age later
-            kept.append(("Date", formatdate(now, usegmt=True)))
         if "content-length" not in names and status != 204:
             kept.append(("Content-Length", str(len(body))))
         entry = Entry(status, reason, tuple(kept), body, now, d.age, now + d.ttl,
