@@ -154,11 +154,17 @@ class RedisClusterProcs:
     def __init__(self, node_timeout_ms: int = 1000) -> None:
         self.workdir = tempfile.mkdtemp(prefix="shmtest-cluster-")
         self.nodes: list[RedisProc] = []
-        for _ in range(6):
-            port = free_port()
+        ports: set[int] = set()
+        while len(ports) < 12:  # six client ports and six bus ports, all distinct
+            ports.add(free_port())
+        bus = sorted(ports)[6:]
+        for i, port in enumerate(sorted(ports)[:6]):
             d = os.path.join(self.workdir, str(port))
             os.mkdir(d)
             self.nodes.append(RedisProc(port, workdir=d, extra=(
+                # The bus port defaults to port + 10000, past 65535 for an ephemeral
+                # port: give it a free one of its own.
+                "--cluster-port", str(bus[i]),
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", f"nodes-{port}.conf",
                 "--cluster-node-timeout", str(node_timeout_ms))))
