@@ -31,6 +31,7 @@ import pytest
 from _helpers import new_name
 
 from shmcache import Cache, CacheConfig, CacheLevel, unlink_segment
+from shmcache.sidecar import lock_path
 
 SECRET = "x" * 32
 L1_L2 = (CacheLevel.C_MEMORY, CacheLevel.REDIS)
@@ -331,6 +332,7 @@ class Hosts:
                 c.close()
         for n in self.names:
             unlink_segment(n)
+            drop_lock_file(n)
 
 
 @pytest.fixture(name="hosts")
@@ -338,6 +340,12 @@ def fx_hosts(tmp_path: Path, prefix: str) -> Iterator[Hosts]:
     h = Hosts(tmp_path, prefix)
     yield h
     h.close()
+
+
+def drop_lock_file(segment_name: str) -> None:
+    """Remove the segment's sidecar lock file (the library leaves it behind)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(lock_path(segment_name))
 
 
 def redis_key(prefix: str, key: str) -> bytes:

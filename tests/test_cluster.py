@@ -29,8 +29,9 @@ KEYS = [f"user:{i}" for i in range(60)]
 
 def cluster_client(cl: RedisClusterProcs) -> Any:
     from redis.cluster import ClusterNode, RedisCluster
-    return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", n.port) for n in cl.live()],
-                        socket_timeout=2.0)
+    nodes = [ClusterNode("127.0.0.1", n.port)  # type: ignore[no-untyped-call]
+             for n in cl.live()]
+    return RedisCluster(startup_nodes=nodes, socket_timeout=2.0)
 
 
 def _host(hosts: Hosts, cl: RedisClusterProcs, **kw: Any) -> Cache:

@@ -19,6 +19,7 @@ from redis_servers import (
     SECRET,
     Hosts,
     RedisProc,
+    drop_lock_file,
     fx_hosts,  # noqa: F401 - fixture "hosts"
     fx_prefix,  # noqa: F401 - fixture "prefix"
     fx_redis_server,  # noqa: F401 - fixture "redis_server"
@@ -88,6 +89,7 @@ def test_a_killed_sidecar_leaves_workers_serving_and_the_journal_bounded(
         worker.set("seen", 1)
         assert wait_until(lambda: r.exists(redis_key(prefix, "seen")))
 
+        assert p.pid is not None
         os.kill(p.pid, signal.SIGKILL)
         p.join(30)
         for i in range(5000):  # ~50 bytes of journal each: far more than 64 KiB
@@ -115,6 +117,7 @@ def test_a_killed_sidecar_leaves_workers_serving_and_the_journal_bounded(
             p.join(30)
         worker.close()
         unlink_segment(name)
+        drop_lock_file(name)
 
 
 def test_the_sidecar_command_leads_drains_and_exits_0_on_sigterm(
@@ -159,6 +162,7 @@ def test_the_sidecar_command_leads_drains_and_exits_0_on_sigterm(
             proc.wait(10)
         worker.close()
         unlink_segment(name)
+        drop_lock_file(name)
 
 
 def test_the_sidecar_command_refuses_a_config_without_a_secret(redis_server: RedisProc,
@@ -172,5 +176,6 @@ def test_the_sidecar_command_refuses_a_config_without_a_secret(redis_server: Red
             env=env, capture_output=True, text=True, timeout=60)
     finally:
         unlink_segment(name)
+        drop_lock_file(name)
     assert res.returncode == 2
     assert "secret" in res.stdout + res.stderr

@@ -18,6 +18,7 @@ import resource
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from redis_servers import (
     SECRET,
     Hosts,
     RedisProc,
+    drop_lock_file,
     fx_hosts,  # noqa: F401 - fixture "hosts"
     fx_own_redis,  # noqa: F401 - fixture "own_redis"
     fx_prefix,  # noqa: F401 - fixture "prefix"
@@ -256,7 +258,12 @@ def test_redis_killed_under_load_and_restarted(own_redis: RedisProc, hosts: Host
         assert c.get(f"old:{j}", MISSING) is MISSING  # deleted while Redis was down
     # The keys written under load are current in L2: what a's L1 holds.
     for j in range(100):
-        assert wait_until(lambda j=j: c.get(f"load:{j}") == a.get(f"load:{j}")), j
+        k = f"load:{j}"
+
+        def same(k: str = k) -> bool:
+            return bool(c.get(k) == a.get(k))
+
+        assert wait_until(same), k
     st = a.get_statistics()
     assert st.degraded_ops > 0 and st.tiers["REDIS"]["down"] == 0
     # Invalidations flow again: b's subscriber reconnected.
@@ -314,36 +321,28 @@ def test_a_hung_redis_costs_callers_about_redis_timeout(own_redis: RedisProc,
 
 
 def test_flushall_gives_misses_then_refills(own_redis: RedisProc, hosts: Hosts) -> None:
-    a = hosts.new(url=own_redis.url)
     r = own_redis.client()
     calls = [0]
 
-    @a.cached(ttl=600)
-    def square(x: int) -> int:
-        calls[0] += 1
-        return x * x
+    def square_on(cache: Cache) -> Callable[[int], int]:
+        @cache.cached(ttl=600)  # one qualified name on every host: the same keys
+        def square(x: int) -> int:
+            calls[0] += 1
+            return x * x
+        return square
 
+    square = square_on(hosts.new(url=own_redis.url))
     assert [square(i) for i in range(10)] == [i * i for i in range(10)]
     assert wait_until(lambda: r.dbsize() >= 10)
     r.flushall()
     b = hosts.new(url=own_redis.url)
-
-    @b.cached(ttl=600)  # the same qualified name: the same keys
-    def square(x: int) -> int:  # noqa: F811 - b's copy of the function
-        calls[0] += 1
-        return x * x
-
+    square = square_on(b)
     assert [square(i) for i in range(10)] == [i * i for i in range(10)]
     assert calls[0] == 20  # b computed: L2 was empty, and nothing refused
     assert b.get_statistics().bad_seals == 0
     assert wait_until(lambda: r.dbsize() >= 10)  # b's results refilled L2
     c = hosts.new(url=own_redis.url)
-
-    @c.cached(ttl=600)
-    def square(x: int) -> int:  # noqa: F811
-        calls[0] += 1
-        return x * x
-
+    square = square_on(c)
     assert [square(i) for i in range(10)] == [i * i for i in range(10)]
     assert calls[0] == 20  # served from the refilled L2
     assert c.get_statistics().tiers["REDIS"]["hits"] == 10
@@ -395,6 +394,7 @@ def test_an_unwritable_disk_degrades_and_catches_up(tmp_path: Path) -> None:
         out = run_isolated(_disk_full_child, name, str(tmp_path / "l3"), timeout=60)
     finally:
         unlink_segment(name)
+        drop_lock_file(name)
     assert out["l1"] is True
     assert out["miss_while_full"] is True
     assert out["down"] == 1

@@ -71,7 +71,9 @@ def two_listening(hosts: Hosts, server: RedisProc, **kw: Any) -> tuple[Cache, Ca
 
 def test_l2_hit_is_promoted_into_l1_with_its_remaining_ttl(
         redis_server: RedisProc, hosts: Hosts) -> None:
-    a, b = two_listening(hosts, redis_server)
+    a = hosts.new(url=redis_server.url)
+    # No sidecar on b: its journal is never drained, so a record would stay visible.
+    b = hosts.new(url=redis_server.url, sidecar="off")
     r = redis_server.client()
     a.set("user:1", {"name": "alice"}, ttl=600)
     assert reaches_l2(a, r, "user:1", {"name": "alice"})
@@ -237,8 +239,7 @@ def test_a_delete_on_one_host_removes_the_key_from_the_others_l1(
     a.delete("user:1")
     assert wait_until(lambda: not b.segment.contains("user:1"))
     assert b.get("user:1", MISSING) is MISSING
-    assert b.get_statistics().sidecar.get("applied", 0) >= 1 or wait_until(
-        lambda: b.get_statistics().sidecar.get("applied", 0) >= 1)
+    assert b._sidecar is not None and b._sidecar.stats()["applied"] >= 1
 
 
 def test_a_delete_of_a_key_absent_from_this_l1_still_reaches_the_others(
@@ -379,7 +380,6 @@ def test_write_through_writes_and_announces_before_returning(
     assert wait_until(lambda: not b.segment.contains("k"))
     assert a.incr("n", 5) == 5
     assert r.get(redis_key(hosts.prefix, "n")) is not None
-    assert a.segment.stats().journal_records == 0
 
 
 # -- sealing: encryption and secrets ----------------------------------------------------
