@@ -321,6 +321,9 @@ class Cache:
     def unlink(self) -> None:
         """Remove the segment's name (processes attached keep using it)."""
         unlink_segment(self.segment.name)
+        if self._lower is not None:
+            from .sidecar import remove_lock
+            remove_lock(self.segment.name)
 
     def __enter__(self) -> Cache:
         return self
@@ -520,8 +523,7 @@ class Cache:
             tk = shorten(_TAG_PREFIX + t, self.max_key_len)
             gen = self._sget(tk) if self._lower is None else self._meta_get(tk)
             if gen is None:
-                gen = str(self.segment.incr(tk, 0, initial=_rand_gen())).encode()
-                self._written(tk)
+                gen = self._new_generation(tk)
             out.append((tk, gen))
         return tuple(out)
 
@@ -529,9 +531,24 @@ class Cache:
         nk = shorten(_NS_PREFIX + namespace, self.max_key_len)
         gen = self._sget(nk) if self._lower is None else self._meta_get(nk)
         if gen is None:
-            gen = str(self.segment.incr(nk, 0, initial=_rand_gen())).encode()
-            self._written(nk)
+            gen = self._new_generation(nk)
         return f"{namespace}@{gen.decode()}:"
+
+    def _new_generation(self, key: str) -> bytes:
+        """Create a tag or namespace counter that is missing everywhere we can see.
+        With Redis, the first host's generation wins (created there only if absent),
+        so two hosts reading a namespace at once cannot orphan each other's entries."""
+        if self._lower is not None:
+            shared = self._lower.shared_generation(key.encode(), str(_rand_gen()).encode())
+            if shared is not None:
+                if self.segment.add(key, shared, None, journal=False) is None:
+                    got = self._sget(key)  # another process of this host was first
+                    if got is not None:
+                        return got
+                return shared
+        gen = str(self.segment.incr(key, 0, initial=_rand_gen())).encode()
+        self._written(key)
+        return gen
 
     @overload
     def _full_key(self, key: str, namespace: str | None) -> str: ...

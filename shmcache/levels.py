@@ -139,6 +139,16 @@ class LowerLevels:
                                       expires_at=got.expires_at)
         self.redis.write([TierWrite(key, blob, ttl_ms)])
 
+    def shared_generation(self, key: bytes, candidate: bytes) -> bytes | None:
+        """A tag/namespace generation every host agrees on: ``candidate`` if Redis
+        had none, else the one Redis holds.  None without Redis (or while it is down:
+        the caller then makes a local one, written behind like any value)."""
+        if self.redis is None:
+            return None
+        blob = self.redis.sealer.seal(key, candidate, flags=0, stamp=now_us())
+        got = self.redis.add_or_get(key, blob)
+        return None if got is None else got.body
+
     # -- write-through -----------------------------------------------------------------
 
     def write(self, key: bytes, body: bytes, flags: int, expires_at: float | None,

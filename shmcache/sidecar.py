@@ -36,6 +36,7 @@ import signal
 import tempfile
 import threading
 import time
+import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -90,6 +91,24 @@ def lock_path(segment_name: str) -> str:
     return os.path.join(d, segment_name.lstrip("/") + ".sidecar.lock")
 
 
+def remove_lock(segment_name: str) -> None:
+    """Remove the segment's lock file when no sidecar holds it (when the segment is
+    unlinked for good; a held lock is left alone)."""
+    path = os.path.join(tempfile.gettempdir(), f"shmcache-{os.getuid()}",
+                        segment_name.lstrip("/") + ".sidecar.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 _live: weakref.WeakSet[Sidecar] = weakref.WeakSet()
 
 
@@ -136,8 +155,9 @@ class Sidecar:
         self._figures: dict[str, float] = {
             "drained": 0, "written_redis": 0, "written_disk": 0, "published": 0,
             "received": 0, "applied": 0, "pending_dropped": 0, "lag_ms": 0.0,
-            "max_lag_ms": 0.0, "swept": 0, "reaped": 0, "batches": 0}
+            "max_lag_ms": 0.0, "swept": 0, "reaped": 0, "batches": 0, "resyncs": 0}
         self._last_maint = 0.0
+        self._resync_wanted = threading.Event()
         _live.add(self)
 
     # -- lifecycle -------------------------------------------------------------------
@@ -242,6 +262,9 @@ class Sidecar:
             self._figures["drained"] += len(recs)
             self._figures["batches"] += 1
             self._merge(recs)
+        if self._resync_wanted.is_set():
+            self._resync_wanted.clear()
+            self._resync()
         pending = any(self._pending.values()) or bool(self._clear_pending)
         if pending:
             self._flush()
@@ -286,6 +309,8 @@ class Sidecar:
                 continue
             tier = lower.redis if name == "REDIS" else lower.disk
             assert tier is not None
+            if not tier.breaker.allow():
+                continue  # backing off: retried when the level may be back
             skip = F_NO_L2 if name == "REDIS" else F_NO_L3
             items = list(pending.items())
             for i in range(0, len(items), _CHUNK):
@@ -358,30 +383,82 @@ class Sidecar:
         redis_tier = self.lower.redis
         assert redis_tier is not None
         backoff = 0.1
+        subscribed_before = False
+        # Pub/sub reaches only connected subscribers: whatever other hosts published
+        # while this one was disconnected is lost.  So after every reconnect (ours, or
+        # redis-py's own inside get_message) this host forgets its shared L1 entries
+        # (resync): they are re-read from L2 on demand.  Correct, at the price of a
+        # colder L1 after a network blip.
+        connects = [0]
         while not self._stop.is_set() and self.is_leader:
             client: Any = None
             try:
                 client = redis_tier.new_client(pubsub=True)
                 ps = client.pubsub(ignore_subscribe_messages=True)
+                on_connect = getattr(ps, "on_connect", None)
+                if on_connect is not None:
+                    # redis-py keeps a WeakMethod of it: a bound method, and `counted`
+                    # stays referenced by this frame for as long as ps lives.
+                    def counted(ps_: Any, conn: Any, _orig: Any = on_connect) -> Any:
+                        connects[0] += 1
+                        return _orig(conn)
+                    ps.on_connect = types.MethodType(counted, ps)
                 if redis_tier.cluster:
                     ps.ssubscribe(redis_tier.channel)
                     get = ps.get_sharded_message
                 else:
                     ps.subscribe(redis_tier.channel)
                     get = ps.get_message
+                if subscribed_before:
+                    self._resync_wanted.set()
+                subscribed_before = True
+                seen = connects[0]
                 backoff = 0.1
                 while not self._stop.is_set():
                     msg = get(timeout=0.2)
+                    if connects[0] != seen and seen:
+                        self._resync_wanted.set()  # redis-py reconnected by itself
+                    seen = connects[0]
                     if msg and msg.get("type") in ("message", "smessage"):
                         self._apply(msg["data"])
             except Exception as e:  # noqa: BLE001 - reconnect with backoff
-                _log.debug("shmcache: invalidation subscriber: %s", type(e).__name__)
+                _log.debug("shmcache: invalidation subscriber: %s: %s", type(e).__name__, e)
                 self._stop.wait(backoff)
                 backoff = min(5.0, backoff * 2)
             finally:
                 if client is not None:
                     with contextlib.suppress(Exception):
                         client.close()
+
+    def _resync(self) -> None:
+        """Forget the shared L1 entries that may have missed an invalidation -- but
+        not this host's own writes that have not reached the lower levels yet: the
+        journal is drained first, so those are all pending here.  (A write landing
+        between that drain and its key's delete is dropped with it: a later miss,
+        never a stale value.)"""
+        n = 0
+        while True:
+            recs = self.segment.journal_drain(self.batch_bytes)
+            if not recs:
+                break
+            self._figures["drained"] += len(recs)
+            self._merge(recs)
+        pending = set().union(*self._pending.values()) if self._pending else set()
+        try:
+            for k in list(self.segment.keys()):
+                if is_local_key(k) or k in pending:
+                    continue
+                info = self.segment.info(k)
+                if info is None:
+                    continue
+                with contextlib.suppress(ShmCacheError):  # changed meanwhile: keep it
+                    if self.segment.delete(k, expect_version=info.version, journal=False):
+                        n += 1
+        except ShmCacheError as e:
+            _log.warning("shmcache: resync of %s failed: %s", self.segment.name, e)
+        self._figures["resyncs"] += 1
+        _log.warning("shmcache: invalidation channel of %s reconnected: dropped %d shared "
+                     "L1 entries that may have missed invalidations", self.segment.name, n)
 
     def _apply(self, data: Any) -> None:
         self._figures["received"] += 1

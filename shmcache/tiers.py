@@ -38,9 +38,14 @@ INVALIDATION_CHANNEL: Final = "invalidate"
 
 # KEYS[1] = key, ARGV[1] = sealed value, ARGV[2] = ttl ms (0 = none).
 # Refuses a write older than what is stored (bytes 4..19 are the stamp as fixed-width
-# hex, so string order is numeric order).  Anything that is not ours is overwritten.
+# hex, so string order is numeric order).  Anything that is not ours -- another
+# program's string, or a hash or list under our prefix -- is overwritten (GET only on
+# strings: on other types it would fail the whole script with WRONGTYPE).
 _SET_IF_NEWER: Final = """
-local cur = redis.call('GET', KEYS[1])
+local cur = false
+if redis.call('TYPE', KEYS[1])['ok'] == 'string' then
+  cur = redis.call('GET', KEYS[1])
+end
 if cur and string.sub(cur, 1, 3) == 'SC1' and
    string.sub(cur, 4, 19) > string.sub(ARGV[1], 4, 19) then
   return 0
@@ -53,6 +58,27 @@ else
 end
 return 1
 """
+
+# KEYS[1] = key, ARGV[1] = sealed value.  Store unless a live value of ours is there;
+# return that value (or false when ours was stored).  For generations that every host
+# must share (tag and namespace counters): the first host to create one wins.
+_ADD_OR_GET: Final = """
+if redis.call('TYPE', KEYS[1])['ok'] == 'string' then
+  local cur = redis.call('GET', KEYS[1])
+  if string.sub(cur, 1, 3) == 'SC1' and string.sub(cur, 20, 20) == 'V' then
+    return cur
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return false
+"""
+
+
+def _wrong_value(e: BaseException) -> bool:
+    """A reply error about one key's value (WRONGTYPE and the like), not an outage."""
+    import redis
+    return isinstance(e, redis.ResponseError) and not isinstance(
+        e, (redis.exceptions.BusyLoadingError, redis.exceptions.ReadOnlyError))
 
 
 class TierStats:
@@ -178,7 +204,7 @@ class RedisTier:
     def __init__(self, sealer: Sealer, *, url: str | None = None,
                  cluster_nodes: Sequence[str] = (), prefix: str = "shmcache:",
                  timeout: float = 0.5, options: dict[str, Any] | None = None,
-                 max_backoff: float = 5.0, tombstone_ttl: float = 60.0) -> None:
+                 max_backoff: float = 2.0, tombstone_ttl: float = 60.0) -> None:
         if not url and not cluster_nodes:
             raise ValueError("the REDIS level needs redis_url or redis_cluster_nodes")
         self.sealer = sealer
@@ -257,6 +283,11 @@ class RedisTier:
         try:
             blob = self.client().get(self.prefix + key)
         except Exception as e:  # noqa: BLE001 - any client/network error: degrade
+            if _wrong_value(e):  # e.g. another program's hash under our key: a miss
+                self.breaker.ok()
+                self.stats.bad_seals += 1
+                self.stats.misses += 1
+                return None
             self._failed(e)
             return None
         self.breaker.ok()
@@ -286,7 +317,8 @@ class RedisTier:
                 ttl = self.tombstone_ttl_ms if w.delete else w.ttl_ms
                 # execute_command: cluster pipelines disable .eval() but route EVAL by key
                 pipe.execute_command("EVAL", _SET_IF_NEWER, 1, self.prefix + w.key, w.blob, ttl)
-            res = pipe.execute() if batch else []
+            # Per-reply errors (a value Redis refuses) must not fail the batch.
+            res = pipe.execute(raise_on_error=False) if batch else []
             if invalidate is not None:
                 if self.cluster:
                     c.spublish(self.channel, invalidate)
@@ -297,6 +329,12 @@ class RedisTier:
             return False
         self.breaker.ok()
         for w, r in zip(batch, res, strict=False):
+            if isinstance(r, Exception):
+                if not _wrong_value(r):  # a connection error inside the batch
+                    self._failed(r)
+                    return False
+                self.stats.bad_seals += 1
+                continue
             if w.delete:
                 self.stats.deletes += 1
             else:
@@ -304,6 +342,22 @@ class RedisTier:
             if r == 0:
                 self.stats.refused_stale += 1
         return True
+
+    def add_or_get(self, key: bytes, blob: bytes) -> Sealed | None:
+        """Store ``blob`` unless the key holds a live value; return the value Redis
+        holds afterwards (ours or the earlier one), or None if Redis is unusable."""
+        if not self.breaker.allow():
+            self.stats.degraded += 1
+            return None
+        try:
+            cur = self.client().execute_command("EVAL", _ADD_OR_GET, 1,
+                                                self.prefix + key, blob)
+        except Exception as e:  # noqa: BLE001 - any client/network error: degrade
+            self._failed(e)
+            return None
+        self.breaker.ok()
+        got = _verified(self, key, cur or blob)
+        return None if got is None or got.tombstone else got
 
     def clear(self) -> bool:
         """Remove every key under this tier's prefix (SCAN + UNLINK, on every master)."""
@@ -376,7 +430,7 @@ class DiskTier:
     """L3: a diskcache directory (owner-only) bounded by ``size_limit`` bytes."""
 
     def __init__(self, sealer: Sealer, path: str, *, size_limit: int,
-                 max_backoff: float = 5.0, timeout: float = 0.5) -> None:
+                 max_backoff: float = 2.0, timeout: float = 0.5) -> None:
         self.sealer = sealer
         self.path = ensure_private_dir(path)
         self.size_limit = size_limit

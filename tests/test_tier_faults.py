@@ -187,10 +187,9 @@ def test_foreign_and_garbage_values_in_redis_are_misses(redis_server: RedisProc,
 
 def test_a_foreign_key_of_another_type_is_a_miss_and_does_not_take_l2_down(
         redis_server: RedisProc, hosts: Hosts) -> None:
-    """BUG (tiers.py): a key of another Redis type under the prefix (a hash written by
-    another program) makes GET and the write-back script fail with WRONGTYPE, which the
-    tier treats as an outage: L2 is marked down for every key, and the write-back of
-    that key fails on every retry, so the sidecar's batch never drains."""
+    """A key of another Redis type under the prefix (a hash written by another program)
+    would make GET and the write-back script fail with WRONGTYPE.  It must be a miss for
+    that key only (not an outage of L2), and our write-back replaces it."""
     a = hosts.new(url=redis_server.url)
     r = redis_server.client()
     r.hset(redis_key(hosts.prefix, "h"), "field", "value")
@@ -274,10 +273,10 @@ def test_redis_killed_under_load_and_restarted(own_redis: RedisProc, hosts: Host
 
 def test_an_invalidation_sent_while_a_subscriber_reconnects_is_not_lost(
         redis_server: RedisProc, hosts: Hosts) -> None:
-    """BUG (sidecar.py, design): invalidations travel by pub/sub, which delivers only to
-    connected subscribers.  A message published while a host's subscriber is
-    reconnecting (a dropped connection, a Redis restart, a failover) is lost, and that
-    host keeps serving the replaced value from its L1 until the entry's TTL."""
+    """Invalidations travel by pub/sub, which delivers only to connected subscribers: a
+    message published while a host's subscriber reconnects (a dropped connection, a
+    Redis restart, a failover) is lost.  After a reconnect the sidecar therefore drops
+    its shared L1 entries (a resync), so the host reads the replaced value from L2."""
     a = hosts.new(url=redis_server.url)
     b = hosts.new(url=redis_server.url)
     r = redis_server.client()

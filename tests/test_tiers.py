@@ -314,10 +314,10 @@ def test_namespaces_invalidated_on_one_host_are_invalid_on_the_other(
 
 def test_a_read_on_another_host_does_not_invalidate_a_namespace(
         redis_server: RedisProc, hosts: Hosts) -> None:
-    """BUG (cache.py, ``_ns_prefix``/``_tag_snapshot``): a host that reads a namespace
-    before the writing host's sidecar has written its generation to L2 mints a
-    generation of its own; its write-back carries a newer stamp, wins in Redis and is
-    announced, so the writer's entries are orphaned -- by a read."""
+    """A host that reads a namespace before the writing host's sidecar has written its
+    generation to L2 must not mint a competing generation (which, with a newer stamp,
+    would win in Redis and orphan the writer's entries -- by a read): generations are
+    created in Redis only if absent, and the first one wins."""
     a, b = two_listening(hosts, redis_server)
     r = redis_server.client()
     assert a._sidecar is not None and b._sidecar is not None
