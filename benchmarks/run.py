@@ -8,7 +8,13 @@ Usage::
 
 Workloads (see benchmarks/README.md for the method of each): ``single`` (ns/op in one
 process), ``multi`` (two processes on one store, aggregate ops/s), ``memory`` (overhead
-per entry) and ``hitratio`` (capacity 100,000 on the standard traces).
+per entry) and ``hitratio`` (capacity 100,000 on the standard traces); and, each run as
+its own script: ``decorator`` (bench_decorator.py: a cached function's hit against
+lru_cache, cachetools, cachebox, warp-cache, diskcache), ``metrics`` (bench_metrics.py:
+the hit-path cost of metrics), ``tiers`` (bench_tiers.py: cross-host invalidation lag,
+L2 hit against bare redis-py, journal throughput, Redis killed under load) and
+``server`` (bench_server.py: the 5 ms endpoint under gunicorn, cached against uncached,
+flask-caching SimpleCache and Redis).
 """
 
 from __future__ import annotations
@@ -25,7 +31,26 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-WORKLOADS = ("single", "multi", "memory", "hitratio")
+WORKLOADS = ("single", "multi", "memory", "hitratio", "decorator", "metrics", "tiers",
+             "server")
+#: Workloads that are scripts of their own: (file, arguments of a --quick run).
+SCRIPTS: dict[str, tuple[str, list[str]]] = {
+    "decorator": ("bench_decorator.py", ["--keys", "500", "--repeats", "2"]),
+    "metrics": ("bench_metrics.py", ["--quick"]),
+    "tiers": ("bench_tiers.py", ["--quick"]),
+    "server": ("bench_server.py", ["--quick"]),
+}
+
+
+def _run_script(name: str, quick: bool) -> dict[str, Any]:
+    """Run one script workload in its own interpreter, its output passed through."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    script, quick_args = SCRIPTS[name]
+    cmd = [sys.executable, os.path.join(here, script)] + (quick_args if quick else [])
+    t0 = time.perf_counter()
+    rc = subprocess.run(cmd, check=False).returncode
+    return {"command": " ".join(cmd), "exit": rc,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _versions() -> dict[str, str]:
@@ -71,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks import bench_hitratio, bench_memory, bench_multi, bench_single
 
-    modules = {"single": bench_single, "multi": bench_multi, "memory": bench_memory,
+    modules: dict[str, Any] = {"single": bench_single, "multi": bench_multi, "memory": bench_memory,
                "hitratio": bench_hitratio}
     vers = _versions()
     print("# shmcache benchmarks" + (" (QUICK: smoke sizes, not comparable)" if args.quick
@@ -92,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"## {w}", flush=True)
         print(flush=True)
         t0 = time.perf_counter()
-        report["results"][w] = modules[w].run(quick=args.quick)
+        if w in SCRIPTS:
+            report["results"][w] = _run_script(w, args.quick)
+        else:
+            report["results"][w] = modules[w].run(quick=args.quick)
         report["seconds"][w] = round(time.perf_counter() - t0, 1)
         print(f"({w}: {report['seconds'][w]:.0f} s)", flush=True)
         print(flush=True)
@@ -103,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2, default=str)
         print(f"wrote {args.json}")
+    failed = [w for w in SCRIPTS if report["results"].get(w, {}).get("exit", 0)]
+    if failed:
+        print(f"FAILED: {', '.join(failed)}")
+        return 1
     return 0
 
 
