@@ -7,6 +7,9 @@ an application can route or silence shmcache with its usual logging configuratio
 ``shmcache``           the root of the tree (configure this one)
 ``shmcache.cache``     the Python API: undecodable entries, failed refreshes
 ``shmcache.sidecar``   the per-host sidecar: journal drain, invalidations, reaping
+``shmcache.tiers``     Redis and disk levels: outages, recoveries, refused values
+``shmcache.gunicorn``  the gunicorn hooks: segment created, workers reaped
+``shmcache.contrib``   the Django and Flask backends (``.django``, ``.flask``)
 ``shmcache.http``      HTTP middleware and the dashboard's web server
 ``shmcache.metrics``   metrics publishing and collection
 ``shmcache.cli``       the ``shmcache`` command
@@ -32,18 +35,22 @@ import logging
 import sys
 from typing import Final, TextIO
 
-__all__ = ["ROOT", "CACHE", "SIDECAR", "HTTP", "METRICS", "CLI", "LOGGER_NAMES",
+__all__ = ["ROOT", "CACHE", "SIDECAR", "TIERS", "HTTP", "GUNICORN", "CONTRIB", "METRICS",
+           "CLI", "LOGGER_NAMES",
            "get_logger", "configure", "safe_key"]
 
 ROOT: Final = "shmcache"
 CACHE: Final = "shmcache.cache"
 SIDECAR: Final = "shmcache.sidecar"
 HTTP: Final = "shmcache.http"
+TIERS: Final = "shmcache.tiers"
+GUNICORN: Final = "shmcache.gunicorn"
+CONTRIB: Final = "shmcache.contrib"
 METRICS: Final = "shmcache.metrics"
 CLI: Final = "shmcache.cli"
 
 #: The stable logger names (documented in docs/operations.md; do not rename).
-LOGGER_NAMES: Final = (ROOT, CACHE, SIDECAR, HTTP, METRICS, CLI)
+LOGGER_NAMES: Final = (ROOT, CACHE, SIDECAR, TIERS, HTTP, GUNICORN, CONTRIB, METRICS, CLI)
 
 _FORMAT: Final = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 _MAX_KEY_CHARS: Final = 120
