@@ -57,7 +57,13 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Table, redis_available, redis_server, unique_name  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RedisServer,
+    Table,
+    redis_available,
+    redis_server,
+    unique_name,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -109,13 +115,14 @@ def create_app() -> Any:
     if variant in ("shmcache-fc", "simple", "redis"):
         from flask_caching import Cache as FlaskCache
 
-        config: dict[str, Any] = {
+        configs: dict[str, dict[str, Any]] = {
             "shmcache-fc": {"CACHE_TYPE": "shmcache.contrib.flask.ShmCache",
                             "CACHE_SHMCACHE_NAME": os.environ["SHMCACHE_NAME"]},
             "simple": {"CACHE_TYPE": "SimpleCache"},
             "redis": {"CACHE_TYPE": "RedisCache", "CACHE_REDIS_HOST": "127.0.0.1",
                       "CACHE_REDIS_PORT": int(os.environ.get("BENCH_REDIS_PORT", "0"))},
-        }[variant]
+        }
+        config = configs[variant]
         fc = FlaskCache(app, config={**config, "CACHE_DEFAULT_TIMEOUT": 60})
         view = fc.cached(timeout=60)(user)
     app.add_url_rule("/users/<int:user_id>", "user", view)
@@ -152,10 +159,15 @@ def _figures(load: Any, computations: int) -> dict[str, Any]:
 
 
 def run_variant(variant: str, args: argparse.Namespace, tmp: Path,
-                redis_port: int | None) -> dict[str, Any]:
+                redis: RedisServer | None) -> dict[str, Any]:
     """One cold start of ``variant``: warm-up run, then the measured run."""
     from shmcache import Segment, segment_exists, unlink_segment
     from shmcache.demo import GunicornServer, run_load
+
+    if variant == "redis":
+        assert redis is not None
+        redis.client().flushall()   # every round starts cold, as the other stores do
+    redis_port = redis.port if redis is not None else 0
 
     name = unique_name("srv")
     counter_name = unique_name("srvcount")
@@ -164,7 +176,7 @@ def run_variant(variant: str, args: argparse.Namespace, tmp: Path,
            "SHMCACHE_LEVELS": "c_memory,disk" if variant == "shmcache" else "c_memory",
            "SHMCACHE_DISK_PATH": str(tmp / f"disk-{name}"), "TMPDIR": str(tmp),
            "BENCH_VARIANT": variant, "BENCH_COUNTER": counter_name,
-           "BENCH_WORK_MS": str(args.work_ms), "BENCH_REDIS_PORT": str(redis_port or 0)}
+           "BENCH_WORK_MS": str(args.work_ms), "BENCH_REDIS_PORT": str(redis_port)}
     paths = [f"/users/{i}" for i in range(1, KEYS + 1)]
     srv = GunicornServer("bench_server:create_app()", cwd=HERE, env=env, workers=WORKERS,
                          workdir=tmp)
@@ -173,8 +185,12 @@ def run_variant(variant: str, args: argparse.Namespace, tmp: Path,
         cold = run_load(srv.port, paths, duration=args.warmup, connections=CONNECTIONS,
                         seed=1)
         c_cold = counter.incr("computations", 0, initial=0)
+        server_pids = [srv.pid, *srv.worker_pids(), *([redis.pid] if variant == "redis"
+                                                       and redis is not None else [])]
+        cpu0 = _cpu_seconds(server_pids)
         warm = run_load(srv.port, paths, duration=args.duration, connections=CONNECTIONS,
                         seed=2)
+        server_cpu = _cpu_seconds(server_pids) - cpu0
         c_all = counter.incr("computations", 0, initial=0)
         if cold.errors or warm.errors:
             raise RuntimeError(f"{variant}: requests failed: "
@@ -186,7 +202,78 @@ def run_variant(variant: str, args: argparse.Namespace, tmp: Path,
         unlink_segment(counter_name)
         if segment_exists(name):   # the master unlinks it; this covers a killed one
             unlink_segment(name)
-    return {"cold": _figures(cold, c_cold), "warm": _figures(warm, c_all - c_cold)}
+    figures = {"cold": _figures(cold, c_cold), "warm": _figures(warm, c_all - c_cold)}
+    figures["warm"]["server_cpu_us_per_request"] = (
+        round(server_cpu / warm.requests * 1e6, 1) if warm.requests else None)
+    figures["warm"]["client_cpu_us_per_request"] = (
+        round(warm.client_cpu / warm.requests * 1e6, 1) if warm.requests else None)
+    return figures
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far (from /proc; kernel work of
+    loopback TCP is charged partly to the sender, so client and server share it)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def hit_cost_us(variant: str, redis_port: int, calls: int = 20_000) -> float:
+    """Microseconds one hit costs inside the worker -- the WSGI call of the application
+    (Flask, the cache, the X-Worker wrapper), without gunicorn or the network.  Run in
+    a child process (``--hit-cost``): the application's cache is process-wide state."""
+    from wsgiref.util import setup_testing_defaults
+
+    from shmcache import Segment, unlink_segment
+
+    name, counter_name = unique_name("hit"), unique_name("hitcount")
+    os.environ.update({"SHMCACHE_NAME": name, "SHMCACHE_SIZE_MB": "16",
+                       "BENCH_VARIANT": variant, "BENCH_COUNTER": counter_name,
+                       "BENCH_WORK_MS": "0", "BENCH_REDIS_PORT": str(redis_port)})
+    counter = Segment.create(counter_name, size=1 << 20)
+    try:
+        app = create_app()
+        environ: dict[str, Any] = {}
+        setup_testing_defaults(environ)
+        environ["PATH_INFO"] = "/users/7"
+
+        def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
+            return None
+
+        for _ in range(3):
+            b"".join(app(dict(environ), start_response))
+        if counter.incr("computations", 0, initial=0) > 1:
+            raise RuntimeError(f"{variant}: repeated calls are not hits (store down?)")
+        t = time.perf_counter()
+        for _ in range(calls):
+            b"".join(app(dict(environ), start_response))
+        elapsed = time.perf_counter() - t
+        # At most the first call computed (Redis may still hold the key from a run).
+        assert counter.incr("computations", 0, initial=0) <= 1, "the calls were not hits"
+        return elapsed / calls * 1e6
+    finally:
+        counter.close()
+        unlink_segment(counter_name)
+        unlink_segment(name)
+
+
+def _hit_cost_in_child(variant: str, redis_port: int) -> float | None:
+    import subprocess
+
+    proc = subprocess.run([sys.executable, __file__, "--hit-cost", variant,
+                           "--redis-port", str(redis_port)],
+                          capture_output=True, text=True, timeout=120, cwd=HERE)
+    if proc.returncode != 0:
+        print(f"hit cost of {variant} failed: {proc.stderr[-500:]}", file=sys.stderr)
+        return None
+    return round(float(proc.stdout.strip().splitlines()[-1]), 1)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -203,9 +290,14 @@ def main(argv: list[str] | None = None) -> int:
                    f"({', '.join(k for k, _ in VARIANTS)})")
     p.add_argument("--quick", action="store_true", help="1 round, 1 s + 1.5 s")
     p.add_argument("--json", default=str(ROOT / "build" / "bench_server.json"))
+    p.add_argument("--hit-cost", help=argparse.SUPPRESS)     # child mode of hit_cost_us
+    p.add_argument("--redis-port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: every server started here is stopped by its PID.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.hit_cost:
+        print(f"{hit_cost_us(args.hit_cost, args.redis_port):.3f}")
+        return 0
     if args.quick:
         args.rounds, args.warmup, args.duration = 1, 1.0, 1.5
     chosen = [(k, label) for k, label in VARIANTS
@@ -219,13 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     try:
         with contextlib.ExitStack() as stack:
-            redis_port = None
+            redis = None
             if any(k == "redis" for k, _ in chosen):
-                redis_port = stack.enter_context(redis_server()).port
+                redis = stack.enter_context(redis_server())
             for r in range(args.rounds):
                 for key, label in chosen:
                     print(f"round {r + 1}/{args.rounds}: {label} ...", flush=True)
-                    results[key].append(run_variant(key, args, tmp, redis_port))
+                    results[key].append(run_variant(key, args, tmp, redis))
+            print("in-process hit costs ...", flush=True)
+            hit_us = {key: _hit_cost_in_child(key, redis.port if redis is not None else 0)
+                      for key, _ in chosen if key != "uncached"}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     best = {k: max(runs, key=lambda x: x["warm"]["rps"]) for k, runs in results.items()}
@@ -234,14 +329,17 @@ def main(argv: list[str] | None = None) -> int:
         f"5 ms endpoint, gunicorn {WORKERS} sync workers, {CONNECTIONS} connections, "
         f"{KEYS} hot keys, 127.0.0.1 (best of {args.rounds} by requests/s)",
         ["variant", "req/s", "vs uncached", "p50 ms", "p99 ms", "hit ratio", "cold req/s",
-         "computations", "client CPU"])
+         "computations", "server CPU us/req", "client CPU us/req", "app us/hit"])
     for key, label in chosen:
         w, c = best[key]["warm"], best[key]["cold"]
-        table.add(label, f"{w['rps']:,.0f}", f"{_ratio(w['rps'], base) or '-'}x",
+        vs = _ratio(w["rps"], base)
+        table.add(label, f"{w['rps']:,.0f}", "-" if vs is None else f"{vs:.1f}x",
                   f"{w['p50_ms']:.2f}", f"{w['p99_ms']:.2f}",
                   "-" if key == "uncached" else f"{w['hit_ratio']:.1%}",
                   f"{c['rps']:,.0f}", f"{c['computations'] + w['computations']:,}",
-                  f"{w['client_cpu_cores']:.2f}")
+                  f"{w['server_cpu_us_per_request']:,.0f}",
+                  f"{w['client_cpu_us_per_request']:,.0f}",
+                  "-" if hit_us.get(key) is None else f"{hit_us[key]:.1f}")
     summary: dict[str, Any] = {}
     if "shmcache" in best:
         s = best["shmcache"]["warm"]
@@ -252,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                 summary[f"shmcache_vs_{key}_rps"] = _ratio(s["rps"], o["rps"])
                 summary[f"{key}_vs_shmcache_p99"] = _ratio(o["p99_ms"], s["p99_ms"])
         goal = summary.get("shmcache_vs_uncached_rps")
-        ahead = all(s["rps"] > best[k]["warm"]["rps"] and s["p99_ms"] < best[k]["warm"]["p99_ms"]
-                    for k in ("simple", "redis") if k in best)
+        ahead = all(k in best and s["rps"] > best[k]["warm"]["rps"]
+                    and s["p99_ms"] < best[k]["warm"]["p99_ms"] for k in ("simple", "redis"))
         summary["goal_20x_uncached"] = bool(goal and goal >= 20)
         summary["goal_ahead_of_simple_and_redis"] = ahead
         notes.append(f"shmcache middleware: {goal}x uncached requests/s (goal >= 20x: "
@@ -267,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     notes.append("cold req/s: the first run on a fresh server and store; computations: "
                  "both runs (a shared cache computes each key once per host, a per-process "
                  "one once per worker)")
-    notes.append("client CPU: cores the load generator used (it shares the 2 cores)")
+    notes.append("server / client CPU us/req: CPU time of gunicorn's master and workers "
+                 "(and redis-server) / of the load generator per request of the measured "
+                 "run; they share the 2 cores, so req/s is about 2 s / (their sum); app "
+                 "us/hit: the same application called in-process (no gunicorn, no TCP)")
     table.notes = notes
     table.print()
     out = {"benchmark": "bench_server", "workers": WORKERS, "connections": CONNECTIONS,
@@ -275,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
            "warmup_s": args.warmup, "duration_s": args.duration,
            "python": platform.python_version(), "cpus": os.cpu_count(),
            "elapsed_s": round(time.monotonic() - t_start, 1),
-           "best": best, "runs": results, "summary": summary}
+           "app_us_per_hit": hit_us, "best": best, "runs": results, "summary": summary}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json} ({out['elapsed_s']} s)")

@@ -111,4 +111,4 @@ if CACHED:
     # one's response instead of running the slow query too.
     app.wsgi_app = CacheMiddleware(  # type: ignore[method-assign]
         app.wsgi_app, cache, single_flight=True)
-app.wsgi_app = add_worker_header(app.wsgi_app)  # type: ignore[method-assign]
+app.wsgi_app = add_worker_header(app.wsgi_app)  # type: ignore[method-assign,assignment]

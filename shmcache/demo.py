@@ -704,6 +704,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 143
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the clean-up short (it is bounded:
+        # SIGTERM, then SIGKILL after 15 s per server).
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            old.setdefault(s, signal.getsignal(s))
+            signal.signal(s, signal.SIG_IGN)
         for srv in servers:
             srv.stop()
         for name in segments:
