@@ -40,6 +40,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -198,12 +199,6 @@ class LoadResult:
         marked = [r[2] for r in self.records if r[2] >= 0]
         return sum(marked) / len(marked) if marked else None
 
-    def window(self, start: float, end: float) -> LoadResult:
-        """The requests that started in ``[start, end)`` seconds of the run."""
-        end = min(end, self.duration)
-        return LoadResult(self.paths, max(0.0, end - start),
-                          [r for r in self.records if start <= r[0] < end])
-
     def served_by(self, path_index: int, hit: bool) -> set[int]:
         """Worker pids that answered ``paths[path_index]`` with a HIT (or a MISS)."""
         want = 1 if hit else 0
@@ -284,10 +279,15 @@ def run_load(port: int, paths: Sequence[str], *, duration: float, connections: i
             ep.unregister(c.fd)
         c.sock.close()
 
+    def due(now: float) -> bool:
+        return now < deadline and issued < max_requests and len(errors) < 100
+
     def begin(c: _Conn | None, now: float) -> None:
-        """Start the next request (on ``c``, else on a new connection), if any is due."""
+        """Start the next request (on ``c``, else on a new connection), if any is due.
+        Failed connections are replaced by the main loop, which keeps ``connections``
+        of them open while requests are due."""
         nonlocal issued
-        if now >= deadline or issued >= max_requests or len(errors) >= 100:
+        if not due(now):
             if c is not None:
                 close(c)
             return
@@ -333,9 +333,8 @@ def run_load(port: int, paths: Sequence[str], *, duration: float, connections: i
         if not chunk:
             if c.reused and not c.buf:
                 # The server closed an idle keep-alive connection just as we reused it:
-                # not a failure, the request goes again on a new connection.
+                # not a failure, the main loop opens another connection.
                 close(c)
-                begin(None, clock())
                 return
             fail(c, "connection closed before the response was complete")
             return
@@ -353,7 +352,6 @@ def run_load(port: int, paths: Sequence[str], *, duration: float, connections: i
         status = int(head[9:12]) if head[9:12].isdigit() else 0
         if status != 200:
             fail(c, f"HTTP {status} for {encoded[c.index][:40]!r}")
-            begin(None, now)
             return
         state = _field(head, b"\r\nx-cache:")
         worker = _field(head, b"\r\nx-worker:") or b"0"
@@ -361,22 +359,22 @@ def run_load(port: int, paths: Sequence[str], *, duration: float, connections: i
                         int(worker) if worker.isdigit() else 0, c.index))
         if len(c.buf) > total:
             fail(c, "bytes after the response (pipelining is not used)")
-            begin(None, now)
         elif _field(head, b"\r\nconnection:") == b"close":
             close(c)
-            begin(None, now)
+            begin(None, now)   # at once: the next poll may be a while away
         else:
             c.reused = True
             begin(c, now)
 
     try:
-        for _ in range(connections):
-            begin(None, t0)
-        while conns:
+        while True:
             now = clock()
             for late in [c for c in conns.values() if now - c.start > REQUEST_TIMEOUT]:
                 fail(late, f"no response within {REQUEST_TIMEOUT:.0f} s")
+            while len(conns) < connections and due(now):
                 begin(None, now)
+            if not conns:
+                break
             for fd, ev in ep.poll(0.5):
                 conn = conns.get(fd)
                 if conn is None:
@@ -608,6 +606,9 @@ def _run_phase(label: str, examples: Path, tmp: Path, *, cached: bool, args: arg
                         f"{load.error_samples[:3]}\n{srv.log_tail()}")
     computations = int(_json_get(srv.port, "/computations")["count"])
     evidence = _evidence(srv, load, paths) if cached else None
+    if evidence is not None:
+        evidence["disk_entries"] = _disk_entries(Path(env["SHMCACHE_DISK_PATH"]))
+        evidence["disk_path"] = env["SHMCACHE_DISK_PATH"]
     workers = srv.worker_pids()
     srv.stop()
     return _Phase(label, load, computations, workers), evidence
@@ -629,6 +630,25 @@ def _evidence(srv: GunicornServer, load: LoadResult, paths: Sequence[str]) -> di
     info = _json_get(srv.port, f"/computations?path={path}")
     return {"path": path, "count": info["count"], "computed_by": info["pids"],
             "hit_by": sorted(hit_by), "workers": sorted(workers)}
+
+
+def _disk_entries(path: Path) -> int | None:
+    """Entries the sidecar has written behind to the disk level (L3), read-only; ``None``
+    if that cannot be read.  The level is a diskcache directory: one SQLite table."""
+    db = path / "cache.db"
+    deadline = time.monotonic() + 2.0
+    n: int | None = None
+    while time.monotonic() < deadline:
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True,
+                                                    timeout=2.0)) as conn:
+                n = int(conn.execute("SELECT COUNT(*) FROM Cache").fetchone()[0])
+        except sqlite3.Error:
+            n = None
+        if n:
+            return n
+        time.sleep(0.05)   # write-behind runs every 10 ms: poll briefly, with a deadline
+    return n
 
 
 def _fmt_ratio(r: float | None) -> str:
@@ -759,6 +779,9 @@ def _demo(args: argparse.Namespace, examples: Path, tmp: Path, servers: list[Gun
               f"{', '.join(map(str, computed))}; served as HIT by pids "
               f"{', '.join(map(str, ev['hit_by']))}")
     print(f"workers: {', '.join(map(str, ev['workers']))}")
+    if ev["disk_entries"] is not None:
+        print(f"disk level: {ev['disk_entries']} entries written behind by the sidecar (in the "
+              f"gunicorn master) to {ev['disk_path']}")
     if not others and args.workers > 1:
         print("shmcache demo: no worker other than the one that computed it served a hit",
               file=sys.stderr)

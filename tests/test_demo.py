@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 from _helpers import new_name
-from server_apps.harness import ROOT, alive, wait_until
+from server_apps.harness import ROOT, alive, free_port, wait_until
 
 from shmcache import segment_exists, unlink_segment
+from shmcache.demo import run_load
 
 pytestmark = [
     pytest.mark.slow,
@@ -145,3 +146,12 @@ def test_gunicorn_goes_away_when_the_demo_is_killed(demo: list[Demo]) -> None:
     # No finally ran in the demo: the master got SIGTERM from the kernel
     # (PR_SET_PDEATHSIG), stopped its workers and unlinked its segment itself.
     d.assert_nothing_left()
+
+
+def test_load_generator_counts_refused_connections_and_stops() -> None:
+    # Nothing listens on the port: every attempt fails, is counted, and the run ends by
+    # itself (at the duration, or after 100 failures) instead of hanging or raising.
+    res = run_load(free_port(), ["/users/1"], duration=0.5, connections=2)
+    assert res.requests == 0
+    assert res.errors > 0
+    assert any("refused" in e.lower() for e in res.error_samples), res.error_samples
