@@ -36,6 +36,24 @@ requests/s: the machine is shared, and alternation spreads drift over all of the
 The machine has 2 cores: the load generator competes with the server for them (its
 CPU use is reported), so absolute numbers are lower than a separate client machine
 would show; compare the ratios within one run.
+
+One run on the 2-core development VM (``python benchmarks/bench_server.py``, 88 s)::
+
+    variant                     req/s  vs uncached  p50 ms  p99 ms  server us/req  app us/hit
+    uncached                      340         1.0x   23.61   27.72          5,706           -
+    shmcache middleware         5,939        17.5x    1.30    2.07            229        13.3
+    shmcache via Flask-Caching  4,390        12.9x    1.77    2.84            344        71.8
+    Flask-Caching SimpleCache   4,401        12.9x    1.75    3.07            338        66.7
+    Flask-Caching RedisCache    3,416        10.0x    2.30    3.67            471       237.7
+
+shmcache's middleware is ahead of both (1.35x SimpleCache's requests/s with a 1.5x lower
+p99, 1.74x RedisCache's with a 1.8x lower p99; SimpleCache also computes every key once
+per worker: 400 computations instead of 100).  The goal of 20x uncached is **not met**
+(17.5x; 17.6x in another run), and this setup cannot meet it: a hit costs 13 us inside
+the worker, but a request costs ~225 us of CPU in gunicorn's sync worker (accept,
+parse, respond, close; kernel TCP included) plus ~100 us in the load generator on the
+same 2 cores, against ~5,850 us for an uncached one, so the ceiling is about
+5,850 / 325 = 18x whatever the cache does.
 """
 
 from __future__ import annotations
