@@ -3,7 +3,8 @@
 #
 #   make test         lint + typecheck + C engine under ASan/UBSan + pytest, plain and
 #                     against an ASan/UBSan build of the extension
-#   make demo         two processes sharing one segment (examples/two_processes.py)
+#   make demo         the Flask example under gunicorn (4 workers, shared memory + disk),
+#                     loaded with and without the cache (shmcache demo)
 #   make test-native  only the C engine tests (build/test_engine)
 #   make test-asan-py the pytest suite against an ASan/UBSan build of the extension
 #   make lint         ruff + mypy --strict
@@ -121,7 +122,7 @@ test: setup
 lint: ruff mypy
 
 ruff: setup
-	$(VENV)/bin/ruff check shmcache tests benchmarks
+	$(VENV)/bin/ruff check shmcache tests benchmarks examples
 
 mypy: setup
 	$(VENV)/bin/mypy --strict shmcache
@@ -146,7 +147,8 @@ pytest: setup
 ASAN_PY := build/asan-py
 ASAN_TESTS = $(filter-out tests/test_http% tests/test_gunicorn% tests/test_catzilla% \
                tests/test_contrib% tests/test_cli% tests/test_dashboard% tests/test_metrics% \
-               tests/test_cluster% tests/test_tier_faults% tests/test_sidecar%, \
+               tests/test_cluster% tests/test_tier_faults% tests/test_sidecar% \
+               tests/test_examples% tests/test_demo%, \
                $(sort $(wildcard tests/test_*.py)))
 test-asan-py: setup
 	rm -rf $(ASAN_PY) && mkdir -p $(ASAN_PY)
@@ -163,7 +165,7 @@ test-asan-py: setup
 # ---- demo / bench --------------------------------------------------------------------
 
 demo: setup
-	$(PY) examples/two_processes.py
+	$(VENV)/bin/shmcache demo
 
 # The benchmark's competitors (other caches, redis client, numpy): once per pyproject.
 $(VENV)/.stamp-bench: $(DEPS_STAMP)
