@@ -155,8 +155,10 @@ class Sidecar:
         self._figures: dict[str, float] = {
             "drained": 0, "written_redis": 0, "written_disk": 0, "published": 0,
             "received": 0, "applied": 0, "pending_dropped": 0, "lag_ms": 0.0,
-            "max_lag_ms": 0.0, "swept": 0, "reaped": 0, "batches": 0, "resyncs": 0}
+            "max_lag_ms": 0.0, "swept": 0, "reaped": 0, "batches": 0, "resyncs": 0,
+            "errors": 0}
         self._last_maint = 0.0
+        self._last_error_log = -1e9
         self._resync_wanted = threading.Event()
         _live.add(self)
 
@@ -245,7 +247,19 @@ class Sidecar:
                                                      name="shmcache-sidecar-sub",
                                                      daemon=True)
                         self._sub.start()
-                busy = self._step()
+                try:
+                    busy = self._step()
+                except Exception:  # noqa: BLE001 - never take the host's process down
+                    # Keep the lead and go on after a pause: a sidecar that stopped
+                    # while holding the lock would leave the host without one.
+                    self._figures["errors"] += 1
+                    now = time.monotonic()
+                    if now - self._last_error_log >= 60:
+                        self._last_error_log = now
+                        _log.exception("shmcache: sidecar of %s: a round failed; "
+                                       "retrying", self.segment.name)
+                    self._stop.wait(1.0)
+                    continue
                 if not busy:
                     self._stop.wait(self.interval)
             if self.is_leader:
@@ -253,7 +267,7 @@ class Sidecar:
                 self._report()
         except Exception:  # noqa: BLE001 - never take the host's process down
             _log.exception("shmcache: sidecar of %s stopped on an error", self.segment.name)
-            self._stop.set()  # the lock is released by stop() (or process exit)
+            self._stop.set()
 
     def _step(self) -> bool:
         """One round: drain, write behind, maintenance.  True if it found work."""
