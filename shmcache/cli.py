@@ -242,6 +242,16 @@ def render_stats(snap: dict[str, Any], out: TextIO, *, rate: float | None = None
     if extra:
         w(f"other     {'   '.join(extra)}\n")
 
+    sc = snap.get("sidecar") or {}
+    if sc:
+        w(f"sidecar   pid {int(sc.get('pid', 0))}   last report {sc.get('age_s', 0):.1f} s ago"
+          f"   lag {sc.get('lag_ms', 0):.1f} ms   pending {_n(sc.get('pending', 0))}   "
+          f"drained {_n(sc.get('drained', 0))}   published {_n(sc.get('published', 0))}   "
+          f"applied {_n(sc.get('applied', 0))}   resyncs {_n(sc.get('resyncs', 0))}   "
+          f"errors {_n(sc.get('errors', 0))}\n")
+    elif st.get("journal_bytes"):
+        w("sidecar   none has reported (the journal is not being drained)\n")
+
     slots = snap["slots"]
     w(f"\nprocesses ({st.get('live_slots', len(slots))} live of {st.get('max_slots')} "
       f"slots)\n")

@@ -100,6 +100,12 @@ _DERIVED: Final = frozenset({"memory_usage_mb", "memory_limit_mb", "entries", "e
 _GAUGE_MARKERS: Final = ("ratio", "lag", "per_second", "_mb", "bytes", "depth", "size",
                          "timestamp", "_age", "pending", "inflight", "queue")
 
+#: Cumulative figures of the sidecar's report (the rest are gauges: lag, pending, ...).
+_SIDECAR_COUNTERS: Final = frozenset({"drained", "written_redis", "written_disk",
+                                      "published", "received", "applied",
+                                      "pending_dropped", "swept", "reaped", "batches",
+                                      "resyncs", "errors"})
+
 Figures = dict[str, float]
 Groups = dict[str, dict[str, Figures]]
 
@@ -143,6 +149,10 @@ def _figures_of(stats: Any) -> dict[str, Any]:
             g = {str(k): {x.name: getattr(item, x.name) for x in fields(item)
                           if _number(getattr(item, x.name))}
                  for k, item in v.items() if is_dataclass(item)}
+            # Plain nested mappings too: ``tiers`` ({"REDIS": {"hits": ...}}).
+            g.update({str(k): {n: x for n, x in item.items() if _number(x)}
+                      for k, item in v.items()
+                      if isinstance(item, Mapping) and f.name != "sidecar"})
             if g:
                 groups[f.name] = g
     return {"figures": figs, "groups": groups}
@@ -552,9 +562,10 @@ def snapshot(seg: Segment, *, fold: bool = True) -> dict[str, Any]:
     except ShmCacheError as e:  # the segment is busy: engine figures alone still help
         _log.debug("published metrics unavailable: %s", type(e).__name__)
         procs = {"processes": [], "retired_processes": 0, "counters": {}, "groups": {}}
+    from .sidecar import read_report
     return {"segment": seg.name, "time": time.time(), "self_slot": seg.slot,
             "stats": stats, "counters": counters, "classes": lists.get("classes", []),
-            "slots": lists.get("slots", []), "cache": procs}
+            "slots": lists.get("slots", []), "cache": procs, "sidecar": read_report(seg)}
 
 
 class SegmentSource:
@@ -737,6 +748,11 @@ def families(snaps: Mapping[str, dict[str, Any] | None]) -> list[Family]:
                     b.add(f"shmcache_slot_{k}", "gauge", lab, v,
                           f"Process slot {k!r} (one per attached process)")
             b.engine_counters("shmcache_slot_", s.get("counters", {}), lab)
+        for k, v in snap.get("sidecar", {}).items():
+            if k in ("pid", "heartbeat"):
+                continue
+            b.add(f"shmcache_sidecar_{k}", "counter" if k in _SIDECAR_COUNTERS else "gauge",
+                  seg, v, f"The host's sidecar, as it last reported ({k!r})")
         cache = snap["cache"]
         b.add("shmcache_cache_processes", "gauge", seg, len(cache["processes"]))
         b.add("shmcache_cache_retired_processes", "counter", seg, cache["retired_processes"])

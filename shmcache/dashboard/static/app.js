@@ -51,6 +51,7 @@
   function lagFigures(snap) {
     const out = {};
     for (const [k, v] of Object.entries(snap.stats)) if (/lag/.test(k) && typeof v === "number") out[k] = v;
+    for (const [k, v] of Object.entries(snap.sidecar || {})) if (/lag/.test(k) && typeof v === "number") out["sidecar " + k] = v;
     for (const p of snap.cache.processes) {
       for (const [k, v] of Object.entries(p.gauges || {})) if (/lag/.test(k)) out[k + " (pid " + p.pid + ")"] = v;
     }
