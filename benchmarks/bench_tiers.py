@@ -36,7 +36,7 @@ Method.
   (empty), and the bench measures how long after the restart Redis holds, for every
   key, a value at least as new as the one written before the restart.  Caller
   exceptions must be 0.  The catch-up time is dominated by the level's backoff: after
-  a long outage it has grown to its 5 s cap, so the first retry can come up to 5 s
+  a long outage it has grown to its 2 s cap, so the first retry can come up to 2 s
   after Redis is back.
 """
 

@@ -36,7 +36,8 @@ What each hook does, and why:
   left behind (a kept segment).  The sidecar: a ``Cache`` with levels below L1 and
   ``CacheConfig.sidecar="auto"`` starts its own as it opens, here in the master, so
   workers (which inherit it) start none; with ``sidecar=True`` the hook starts one
-  itself (for ``sidecar="off"`` or an L1-only cache: TTL sweeps, reaping, figures).
+  itself (for ``sidecar="off"``; an L1-only cache has nothing for a sidecar to do: the
+  hook logs a warning and goes on).
 - ``post_fork`` (worker, just after the fork): the engine's fork handler has already
   given the inherited handle a slot of its own; this checks that the slot is there and
   is this pid's (else attaches afresh by name), and closes the cache at a clean exit
