@@ -232,7 +232,19 @@ class Cache:
             max_key_len=cfg.max_key_len, on_incompatible=cfg.on_incompatible,
             journal_bytes=int(cfg.journal_mb * (1 << 20)) if behind else 0)
         self._write_through = self._lower is not None and not behind
-        if behind and not self.segment.config()["journal_bytes"]:
+        seg_cfg = self.segment.config()
+        if segment is None:
+            differs = [f"{what} {have} (asked {want})" for what, have, want in (
+                ("size", seg_cfg["size"], cfg.size_bytes),
+                ("policy", seg_cfg["policy"], cfg.policy),
+                ("max_key_len", seg_cfg["max_key_len"], cfg.max_key_len)) if have != want]
+            if differs:
+                # Another process created it first with other settings: a segment's
+                # layout is fixed at creation, so these cannot apply until it is
+                # recreated (unlinked when every server using it has stopped).
+                _log.warning("shmcache: segment %s already exists with %s; using it as "
+                             "it is", self.segment.name, ", ".join(differs))
+        if behind and not seg_cfg["journal_bytes"]:
             # Made earlier by a process that did not ask for the lower levels.
             _log.warning("shmcache: segment %s has no write journal; writing L2/L3 "
                          "through instead of behind", self.segment.name)

@@ -477,8 +477,11 @@ def _cmd_verify(a: argparse.Namespace) -> int:
             n = seg.reap()
             if n:
                 print(f"reaped {n} slot(s) of dead processes")
-        problems = seg.verify()
-        entries = len(seg)
+        try:
+            problems = seg.verify()
+            entries = len(seg)
+        except errors.SegmentCorruptError as e:  # a lock or header too damaged to walk
+            problems, entries = [f"cannot complete the check: {e}"], 0
     if problems:
         print(f"{seg.name}: {len(problems)} problem(s) found:")
         for p in problems:

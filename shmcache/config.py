@@ -207,6 +207,12 @@ class CacheConfig:
                     "read back from Redis are unpickled only after their HMAC verifies. "
                     "Set CacheConfig(secret=...) / SHMCACHE_SECRET (16+ bytes), or use "
                     "serializer='json'/'msgpack'/'raw' with allow_unsigned=True")
+        from .tiers import parse_node
+        for node in self.redis_cluster_nodes:
+            try:
+                parse_node(node)
+            except ValueError as e:
+                raise TierNotAvailableError(str(e)) from None
         if self.secret is not None and len(self.secret.encode()) < 16:
             raise TierNotAvailableError("secret must be at least 16 bytes")
 
@@ -241,13 +247,19 @@ class CacheConfig:
         return cls(**kw)
 
 
+class _NotFromEnv(ValueError):
+    """A field that has no environment spelling."""
+
+
 def _parse(var: str, fname: str, ftype: str, raw: str) -> Any:
     raw = raw.strip()
     try:
         if fname == "levels":
             return tuple(CacheLevel(x.strip().lower()) for x in raw.split(",") if x.strip())
         if fname == "redis_options":
-            raise ValueError("set redis_options in code (auth and TLS go in the URL)")
+            raise _NotFromEnv(f"environment variable {var}: redis_options cannot be set "
+                              f"from the environment; pass them in code (credentials and "
+                              f"TLS go in SHMCACHE_REDIS_URL)")
         if fname == "redis_cluster_nodes":
             return tuple(x.strip() for x in raw.split(",") if x.strip())
         if fname == "compression":
@@ -266,6 +278,8 @@ def _parse(var: str, fname: str, ftype: str, raw: str) -> Any:
                 return None
             return float(raw)
         return raw or None
+    except _NotFromEnv:
+        raise
     except ValueError as e:
         raise ValueError(f"environment variable {var}={raw!r}: "
                          f"not a valid {ftype}") from e

@@ -149,6 +149,26 @@ class _Breaker:
                              _redact(str(exc))[:200])
 
 
+def parse_node(node: str) -> tuple[str, int]:
+    """``"host:port"``, ``"host"`` (port 6379) or ``"[v6addr]:port"`` as (host, port);
+    ``ValueError`` naming the entry otherwise."""
+    n = node.strip()
+    if n.startswith("["):
+        host, _, rest = n[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif n.count(":") == 1:
+        host, _, port = n.partition(":")
+    else:
+        host, port = n, ""
+    try:
+        p = int(port) if port else 6379
+    except ValueError:
+        raise ValueError(f"redis_cluster_nodes entry {node!r}: not host:port") from None
+    if not host or not 0 < p < 65536:
+        raise ValueError(f"redis_cluster_nodes entry {node!r}: not host:port")
+    return host, p
+
+
 def _redact(msg: str) -> str:
     """Drop anything that looks like credentials in a URL (``user:pass@``)."""
     import re
@@ -246,8 +266,8 @@ class RedisTier:
             from redis.cluster import ClusterNode, RedisCluster
             nodes = []
             for n in self.cluster_nodes:
-                host, _, port = n.rpartition(":")
-                nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))  # type: ignore[no-untyped-call]
+                host, port = parse_node(n)
+                nodes.append(ClusterNode(host, port))  # type: ignore[no-untyped-call]
             common.pop("health_check_interval", None)
             return RedisCluster(startup_nodes=nodes, **common)
         assert self.url is not None

@@ -451,3 +451,24 @@ def test_small_api_edges() -> None:
         with pytest.raises(ValueError, match=var):
             CacheConfig.from_env({var: "none"})
     assert CacheConfig.from_env({"SHMCACHE_DEFAULT_TTL": "none"}).default_ttl is None
+
+
+def test_existing_segment_with_other_settings_is_used_and_warned_about(
+        segname: str, caplog: pytest.LogCaptureFixture) -> None:
+    with Cache(CacheConfig(name=segname, c_memory_size_mb=4)) as first:
+        with caplog.at_level("WARNING", logger="shmcache.cache"):
+            with Cache(CacheConfig(name=segname, c_memory_size_mb=4)):
+                pass
+            assert not caplog.records
+            with Cache(CacheConfig(name=segname, c_memory_size_mb=8, policy="lru")) as c:
+                assert c.segment.config()["size"] == 4 << 20  # the layout is fixed
+        assert "size 4194304 (asked 8388608)" in caplog.text and "policy" in caplog.text
+        first.set("k", 1)
+
+
+def test_configuration_errors_name_what_is_wrong() -> None:
+    with pytest.raises(TierNotAvailableError, match="'h:x': not host:port"):
+        CacheConfig(levels=[CacheLevel.C_MEMORY, CacheLevel.DISTRIBUTED],
+                    redis_cluster_nodes=["h:x"], secret="s" * 16).check_levels()
+    with pytest.raises(ValueError, match="redis_options cannot be set from the environment"):
+        CacheConfig.from_env({"SHMCACHE_REDIS_OPTIONS": "{}"})
