@@ -887,3 +887,36 @@ def test_flask_application(cache: Cache) -> None:
     a2 = get("/me", headers=[("Cookie", cookies["alice"])])
     assert a2.x_cache == "HIT" and a2.body == b"user alice"
     assert get("/me").body == b"user None"
+
+
+def test_stored_errors_and_redirects_never_answer_304(cache: Cache) -> None:
+    # RFC 9110 §13.2.1: a condition is evaluated against a 2xx representation only; a
+    # stored 404 or 301 is sent as it is, whatever If-None-Match / If-Modified-Since say.
+    _, get = setup(cache, default_ttl=60)
+    for status in (404, 301):
+        url = q(f"no304-{status}", MAX60, status=str(status))
+        assert get(url).status == status
+        for cond in [("If-None-Match", "*"),
+                     ("If-Modified-Since", "Fri, 01 Jan 2100 00:00:00 GMT")]:
+            r = get(url, headers=[cond])
+            assert r.status == status and r.x_cache == "HIT", (status, cond)
+        assert computes(cache, url) == 1
+
+
+def test_non_ascii_paths_are_invalidated_by_their_url(cache: Cache) -> None:
+    # PEP 3333 delivers the path's UTF-8 bytes as latin-1 text; the key must be built
+    # from the UTF-8 text, or an invalidation naming the URL (Location) misses it.
+    target = "/caf\u00e9"
+    wire = target.encode("utf-8").decode("latin-1")
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ["REQUEST_METHOD"] == "POST":
+            start_response("204 No Content", [("Location", "/caf%C3%A9")])
+            return [b""]
+        start_response("200 OK", [("Content-Type", "text/plain"), (MAX60.split(":")[0],
+                                                                  MAX60.split(":")[1])])
+        return [b"menu"]
+    _, get = setup(cache, app)
+    assert get(wire).x_cache == "MISS" and get(wire).x_cache == "HIT"
+    get("/order", "POST")
+    assert get(wire).x_cache == "MISS"

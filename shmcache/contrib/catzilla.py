@@ -207,7 +207,7 @@ class CatzillaResponseCache:
         pairs = [(str(k), str(v)) for k, v in st["headers"]] + [("etag", st["etag"])]
         extra = {"Age": str(int(st["age"] + max(0.0, self.clock() - st["stored_at"]))),
                  "X-Cache": "HIT"}
-        if policy.not_modified(facts, pairs):
+        if policy.not_modified(facts, pairs, status=int(st.get("status", 200))):
             kept = {k: v for k, v in pairs if k.lower() in _304_FIELDS}
             return Response(status_code=304, content_type=st["content_type"], body="",
                             headers={**kept, **extra})

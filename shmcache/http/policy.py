@@ -580,13 +580,15 @@ def if_none_match_matches(value: str, etag: str | None) -> bool:
 
 
 def not_modified(req: RequestFacts, headers: Sequence[tuple[str, str]],
-                 received: float | None = None) -> bool:
+                 received: float | None = None, status: int = 200) -> bool:
     """Would the conditional GET/HEAD ``req`` get a 304 from a response with these
     headers (RFC 9111 §4.3.2, RFC 9110 §13.2.2)?  If-None-Match wins over
     If-Modified-Since; the latter compares ``Last-Modified``, else ``Date``, else
-    ``received`` (when the cache received the response).
+    ``received`` (when the cache received the response).  Only a 2xx (and 304)
+    selected representation can be answered with 304 (RFC 9110 §13.2.1): a stored
+    404 or 301 is sent as it is.
     """
-    if req.method not in ("GET", "HEAD"):
+    if req.method not in ("GET", "HEAD") or not (200 <= status < 300 or status == 304):
         return False
     inm = req.header("if-none-match")
     if inm is not None:

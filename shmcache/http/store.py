@@ -42,6 +42,7 @@ from urllib.parse import unquote, urlsplit
 
 from .. import stampede
 from ..cache import Cache
+from ..errors import ShmCacheError
 from . import policy
 from .policy import RequestFacts, StoreDecision
 
@@ -432,7 +433,7 @@ class HttpStore:
         extra = [("Age", age)]
         if self.x_cache:
             extra.append((self.x_cache, "HIT"))
-        if policy.not_modified(req.facts, entry.headers, entry.stored_at):
+        if policy.not_modified(req.facts, entry.headers, entry.stored_at, entry.status):
             self.stats.not_modified += 1
             kept = [(k, v) for k, v in entry.headers if k.lower() in _304_FIELDS]
             return Response(304, "Not Modified", kept + extra, b"")
@@ -459,8 +460,15 @@ class HttpStore:
         return f"{self.key_prefix}epoch:{digest.hexdigest()}"
 
     def epoch(self, req: HttpRequest) -> bytes | None:
-        """The URL's invalidation counter, read before running the application."""
-        got = self.cache.segment.get(self._epoch_key(req.key))
+        """The URL's invalidation counter, read before running the application.  It
+        is created (locally, random) when missing, so that an invalidation from
+        another host -- which drops the key here -- is seen as a change too."""
+        seg, k = self.cache.segment, self._epoch_key(req.key)
+        got = seg.get(k)
+        if got is None:
+            with contextlib.suppress(ShmCacheError):
+                seg.add(k, str(int.from_bytes(os.urandom(6), "big")).encode(), journal=False)
+            got = seg.get(k)
         return None if got is None else bytes(got)
 
     def decide(self, req: HttpRequest, status: int,
@@ -501,7 +509,7 @@ class HttpStore:
             self._store(req, decision, status, reason, out, body, epoch)
         else:
             self.stats.not_stored += 1
-        if policy.not_modified(req.facts, out, self.clock()):
+        if policy.not_modified(req.facts, out, self.clock(), status):
             self.stats.not_modified += 1
             kept = [(k, v) for k, v in out if k.lower() in _304_FIELDS]
             return Response(304, "Not Modified", self.miss_headers(kept), b"")

@@ -16,6 +16,7 @@ untouched.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import time
@@ -339,6 +340,10 @@ class CacheMiddleware:
             if port and port != ("443" if scheme == "https" else "80"):
                 host = f"{host}:{port}"
         path = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))
+        # PEP 3333: the path's bytes arrive as latin-1 text; the key (and ASGI, and
+        # invalidation by URL) use the UTF-8 text those bytes spell.
+        with contextlib.suppress(UnicodeEncodeError):  # not latin-1: use it as given
+            path = path.encode("latin-1").decode("utf-8", "surrogateescape")
         return self.store.request(str(environ.get("REQUEST_METHOD", "GET")), scheme, host,
                                   path or "/", str(environ.get("QUERY_STRING", "")), headers)
 
