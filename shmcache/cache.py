@@ -76,7 +76,7 @@ from . import stampede
 from .config import CacheConfig, CacheLevel, TierNotAvailableError
 from .errors import ShmCacheError
 from .keys import UnkeyableArgumentError, function_key, qualified_name, shorten
-from .levels import F_NO_L2, F_NO_L3, LowerLevels
+from .levels import F_NO_L2, F_NO_L3, INVALIDATION_SEQ_KEY, LowerLevels
 from .segment import Segment, unlink_segment
 from .serializers import (
     COMP_MASK,
@@ -322,8 +322,13 @@ class Cache:
         if pool is not None and mine:
             pool.shutdown(wait=True, cancel_futures=True)
         sc, self._sidecar = self._sidecar, None
-        if sc is not None:
-            sc.stop()
+        if sc is not None and not sc.stop():
+            # Its thread is still inside the engine (a long final flush): unmapping the
+            # segment under it would crash the process.  Leave the mapping; it goes
+            # with the process.
+            _log.warning("shmcache: sidecar of %s did not stop in time; leaving the "
+                         "segment attached", self.segment.name)
+            self._owns_segment = False
         if self._lower is not None:
             self._lower.close()
         self._l0.clear()
@@ -422,6 +427,7 @@ class Cache:
         (no journal record: it came from below).  (bytes, flags, version) or None."""
         assert self._lower is not None
         kb = key.encode() if isinstance(key, str) else key
+        seq = self._sget(INVALIDATION_SEQ_KEY)
         found = self._lower.fetch(kb, mask)
         if found is None:
             return None
@@ -437,6 +443,12 @@ class Cache:
             got = self._sget_info(key)
             if got is not None:
                 return got[0], got[2], got[1]
+            ver = 0
+        elif self._sget(INVALIDATION_SEQ_KEY) != seq:
+            # Another host's invalidation was applied while we read below: what we
+            # added may be the value it dropped.  Serve it this once, keep it not.
+            with contextlib.suppress(ShmCacheError):
+                self.segment.delete(key, expect_version=ver, journal=False)
             ver = 0
         return sealed.body, sealed.flags, ver
 
@@ -901,14 +913,16 @@ class Cache:
         >>> cache.close(); cache.unlink()
         """
         for t in tags:
+            # A fresh random generation, not +1: two hosts invalidating the same tag at
+            # once must not both land on the same next value.
             tk = shorten(_TAG_PREFIX + t, self.max_key_len)
-            self.segment.incr(tk, 1, initial=_rand_gen())
+            self.segment.set(tk, str(_rand_gen()).encode())
             self._written(tk)
 
     def invalidate_namespace(self, namespace: str) -> None:
         """Orphan every key of ``namespace`` (a version bump; no scan)."""
         nk = shorten(_NS_PREFIX + namespace, self.max_key_len)
-        self.segment.incr(nk, 1, initial=_rand_gen())
+        self.segment.set(nk, str(_rand_gen()).encode())
         self._written(nk)
 
     def emit(self, *events: str) -> None:

@@ -25,12 +25,16 @@ from .config import CacheConfig
 from .sealing import Sealed, Sealer
 from .tiers import DiskTier, RedisTier, TierWrite, disk_secret
 
-__all__ = ["LowerLevels", "F_NO_L2", "F_NO_L3", "is_local_key", "encode_invalidation",
+__all__ = ["LowerLevels", "F_NO_L2", "F_NO_L3", "INVALIDATION_SEQ_KEY", "is_local_key",
+           "encode_invalidation",
            "decode_invalidation", "now_us"]
 
 #: Entry flag bits (beside the serializer's): keep this entry out of L2 / L3.
 F_NO_L2: Final = 0x0100
 F_NO_L3: Final = 0x0200
+
+#: Bumped by the sidecar before it applies another host's invalidation (a local key).
+INVALIDATION_SEQ_KEY: Final = "__shmcache__:invseq"
 
 _INTERNAL: Final = b"__shmcache__:"
 _SHARED_INTERNAL: Final = (b"__shmcache__:tag:", b"__shmcache__:ns:")
@@ -40,6 +44,7 @@ _SHARED_INTERNAL: Final = (b"__shmcache__:tag:", b"__shmcache__:ns:")
 _INV_MAGIC: Final = b"SCI1"
 _HOST_LEN: Final = 16
 _KLEN: Final = struct.Struct("<H")
+_INV_LABEL: Final = b"invalidation"
 
 
 def now_us() -> int:
@@ -52,19 +57,25 @@ def is_local_key(key: bytes) -> bool:
     return key.startswith(_INTERNAL) and not key.startswith(_SHARED_INTERNAL)
 
 
-def encode_invalidation(host: bytes, drops: Iterable[bytes], clear: bool = False) -> bytes:
-    """One message announcing this host's deletes/replacements (and a clear)."""
+def encode_invalidation(sealer: Sealer, host: bytes, drops: Iterable[bytes],
+                        clear: bool = False) -> bytes:
+    """One message announcing this host's deletes/replacements (and a clear), signed
+    with the secret: whoever can publish on the channel without it cannot make hosts
+    drop their entries."""
     parts = [_INV_MAGIC, host]
     if clear:
         parts.append(b"C" + _KLEN.pack(0))
     for k in drops:
         parts += [b"D", _KLEN.pack(len(k)), k]
-    return b"".join(parts)
+    return sealer.sign(_INV_LABEL, b"".join(parts))
 
 
-def decode_invalidation(msg: bytes) -> tuple[bytes, bool, list[bytes]] | None:
-    """(sender host, clear?, keys) or None for a message that is not ours."""
-    if not isinstance(msg, bytes) or not msg.startswith(_INV_MAGIC):
+def decode_invalidation(sealer: Sealer, signed: bytes
+                        ) -> tuple[bytes, bool, list[bytes]] | None:
+    """(sender host, clear?, keys) or None for a message that is not ours (or not
+    signed with our secret)."""
+    msg = sealer.verified(_INV_LABEL, signed)
+    if msg is None or not msg.startswith(_INV_MAGIC):
         return None
     pos = len(_INV_MAGIC)
     host = msg[pos:pos + _HOST_LEN]
@@ -125,7 +136,10 @@ class LowerLevels:
         if self.disk is not None and not flags_mask & F_NO_L3:
             got = self.disk.get(key)
             if got is not None:
-                if self.redis is not None and not got.flags & F_NO_L2:
+                # Up into L2 (shared by every host) only while Redis would still hold
+                # a tombstone of a delete made since; an older local copy stays local.
+                if self.redis is not None and not got.flags & F_NO_L2 and \
+                        now_us() - got.stamp < self.redis.tombstone_ttl_ms * 1000:
                     self._promote_to_l2(key, got)
                 return got, "DISK"
         return None
@@ -164,7 +178,7 @@ class LowerLevels:
             blob = self.redis.sealer.seal(key, body, flags=flags, stamp=stamp,
                                           expires_at=expires_at)
             self.redis.write([TierWrite(key, blob, ttl_ms)],
-                             encode_invalidation(host, [key]))
+                             encode_invalidation(self.redis.sealer, host, [key]))
         if self.disk is not None and not flags & F_NO_L3:
             blob = self.disk.sealer.seal(key, body, flags=flags, stamp=stamp,
                                          expires_at=expires_at)
@@ -177,14 +191,15 @@ class LowerLevels:
         if self.redis is not None:
             blob = self.redis.sealer.seal(key, b"", flags=0, stamp=now_us(), tombstone=True)
             self.redis.write([TierWrite(key, blob, 0, delete=True)],
-                             encode_invalidation(host, [key]))
+                             encode_invalidation(self.redis.sealer, host, [key]))
         if self.disk is not None:
             self.disk.write([TierWrite(key, b"", 0, delete=True)])
 
     def clear(self, host: bytes) -> None:
         """Empty L2 (this prefix) and L3 and tell the other hosts to clear their L1."""
         if self.redis is not None and self.redis.clear():
-            self.redis.write([], encode_invalidation(host, [], clear=True))
+            self.redis.write([], encode_invalidation(self.redis.sealer, host, [],
+                                                    clear=True))
         if self.disk is not None:
             self.disk.clear()
 

@@ -127,6 +127,18 @@ class Sealer:
             return hmac.new(self._mac_key, msg, hashlib.sha256).digest()
         return hashlib.blake2b(msg, digest_size=_SUM_LEN).digest()
 
+    def sign(self, label: bytes, data: bytes) -> bytes:
+        """``data`` followed by its MAC under ``label`` (for messages between hosts)."""
+        return data + self._mac(b"\x00" + label, data)
+
+    def verified(self, label: bytes, blob: bytes) -> bytes | None:
+        """The data of a :meth:`sign` ed blob, or None if its MAC does not verify."""
+        n = _MAC_LEN if self.signed else _SUM_LEN
+        if not isinstance(blob, bytes) or len(blob) < n:
+            return None
+        data, mac = blob[:-n], blob[-n:]
+        return data if hmac.compare_digest(mac, self._mac(b"\x00" + label, data)) else None
+
     def seal(self, key: bytes, body: bytes, *, flags: int, stamp: int,
              expires_at: float | None = None, tombstone: bool = False) -> bytes:
         """The sealed form of ``body`` (the L1 bytes of ``key``)."""

@@ -46,6 +46,7 @@ from .errors import ShmCacheError
 from .levels import (
     F_NO_L2,
     F_NO_L3,
+    INVALIDATION_SEQ_KEY,
     decode_invalidation,
     encode_invalidation,
     is_local_key,
@@ -156,10 +157,12 @@ class Sidecar:
             "drained": 0, "written_redis": 0, "written_disk": 0, "published": 0,
             "received": 0, "applied": 0, "pending_dropped": 0, "lag_ms": 0.0,
             "max_lag_ms": 0.0, "swept": 0, "reaped": 0, "batches": 0, "resyncs": 0,
-            "errors": 0}
+            "errors": 0, "seal_errors": 0}
         self._last_maint = 0.0
         self._last_error_log = -1e9
         self._resync_wanted = threading.Event()
+        self._dropped_seen = 0
+        self._had_predecessor = False
         _live.add(self)
 
     # -- lifecycle -------------------------------------------------------------------
@@ -173,8 +176,9 @@ class Sidecar:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop (flushing what it can first) and give up leadership."""
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop (flushing what it can first) and give up leadership.  False if the
+        thread is still running after ``timeout`` (the segment must then stay open)."""
         self._stop.set()
         t, self._thread = self._thread, None
         if t is not None and t is not threading.current_thread():
@@ -183,6 +187,7 @@ class Sidecar:
         if s is not None:
             s.join(timeout)
         self._release()
+        return not ((t is not None and t.is_alive()) or (s is not None and s.is_alive()))
 
     def run(self) -> None:
         """Run in the calling thread until :meth:`stop` (from another thread or a
@@ -242,6 +247,9 @@ class Sidecar:
                         continue
                     _log.info("shmcache: sidecar of %s active (pid %d)", self.segment.name,
                               os.getpid())
+                    prev = read_report(self.segment)
+                    self._had_predecessor = bool(prev) and (
+                        prev.get("pid") != os.getpid() or not prev.get("leader"))
                     if self.lower.redis is not None:
                         self._sub = threading.Thread(target=self._subscribe,
                                                      name="shmcache-sidecar-sub",
@@ -280,12 +288,14 @@ class Sidecar:
             self._resync_wanted.clear()
             self._resync()
         pending = any(self._pending.values()) or bool(self._clear_pending)
-        if pending:
-            self._flush()
-        now = time.monotonic()
-        if now - self._last_maint >= self.maintenance_interval:
-            self._last_maint = now
-            self._maintenance()
+        try:
+            if pending:
+                self._flush()
+        finally:  # sweeps, reaping and the heartbeat go on even if a flush fails
+            now = time.monotonic()
+            if now - self._last_maint >= self.maintenance_interval:
+                self._last_maint = now
+                self._maintenance()
         return bool(recs)
 
     def _merge(self, recs: list[JournalRecord]) -> None:
@@ -311,7 +321,8 @@ class Sidecar:
         if self._clear_pending:
             if "REDIS" in self._clear_pending and lower.redis is not None and \
                     lower.redis.clear() and lower.redis.write(
-                        [], encode_invalidation(self.host, [], clear=True)):
+                        [], encode_invalidation(lower.redis.sealer, self.host, [],
+                                                clear=True)):
                 self._clear_pending.discard("REDIS")
                 self._figures["published"] += 1
             if "DISK" in self._clear_pending and lower.disk is not None and \
@@ -329,10 +340,13 @@ class Sidecar:
             items = list(pending.items())
             for i in range(0, len(items), _CHUNK):
                 chunk = items[i:i + _CHUNK]
-                writes, drops = self._writes(tier.sealer, chunk, skip)
+                horizon = (lower.redis.tombstone_ttl_ms * 1000
+                           if name == "REDIS" and lower.redis is not None else 0)
+                writes, drops = self._writes(tier.sealer, chunk, skip, horizon)
                 if name == "REDIS":
                     assert lower.redis is not None
-                    msg = encode_invalidation(self.host, drops) if drops else None
+                    msg = (encode_invalidation(lower.redis.sealer, self.host, drops)
+                           if drops else None)
                     ok = lower.redis.write(writes, msg)
                     if ok and msg is not None:
                         self._figures["published"] += 1
@@ -350,32 +364,56 @@ class Sidecar:
                 self._figures["max_lag_ms"] = max(self._figures["max_lag_ms"], lag)
 
     def _writes(self, sealer: Any, chunk: Sequence[tuple[bytes, JournalRecord]],
-                skip: int) -> tuple[list[TierWrite], list[bytes]]:
+                skip: int, horizon_us: int = 0) -> tuple[list[TierWrite], list[bytes]]:
+        """The write-backs of ``chunk``.  ``horizon_us``: a set older than this (a long
+        outage) goes down as a tombstone instead -- deletes made meanwhile by other
+        hosts may have left no tombstone to refuse it against any more."""
         writes: list[TierWrite] = []
         drops: list[bytes] = []
+        now = now_us()
         for key, r in chunk:
             got = None if r.op == "delete" else self.segment.get_with_info(key)
+            if got is not None and horizon_us and now - r.at_us > horizon_us:
+                got = None
+            if got is not None and not got[1].flags & skip:
+                try:
+                    sealed = self._sealed(sealer, key, got[0], got[1], r)
+                except ShmCacheError as e:  # e.g. a pickle for an unsigned Redis
+                    self._figures["seal_errors"] += 1
+                    _log.warning("shmcache: cannot write %r below (%s); removing it "
+                                 "there instead", key[:200], e)
+                    got = None
+                else:
+                    if sealed is not None:
+                        writes.append(sealed)
+                        if r.op != "touch":
+                            drops.append(key)
+                    continue
             if got is None:  # deleted, or gone since (evicted, expired): remove below
                 writes.append(TierWrite(key, sealer.seal(key, b"", flags=0, stamp=r.at_us,
                                                          tombstone=True), 0, delete=True))
                 drops.append(key)
-                continue
-            body, info = got
-            if info.flags & skip:
-                continue
-            ttl_ms = 0
-            if info.expires_at is not None:
-                ttl_ms = int((info.expires_at - time.time()) * 1000)
-                if ttl_ms <= 0:
-                    continue
-            writes.append(TierWrite(key, sealer.seal(key, body, flags=info.flags,
-                                                     stamp=r.at_us,
-                                                     expires_at=info.expires_at), ttl_ms))
-            if r.op != "touch":
-                drops.append(key)
         return writes, drops
 
+    @staticmethod
+    def _sealed(sealer: Any, key: bytes, body: bytes, info: Any,
+                r: JournalRecord) -> TierWrite | None:
+        ttl_ms = 0
+        if info.expires_at is not None:
+            ttl_ms = int((info.expires_at - time.time()) * 1000)
+            if ttl_ms <= 0:
+                return None
+        return TierWrite(key, sealer.seal(key, body, flags=info.flags, stamp=r.at_us,
+                                          expires_at=info.expires_at), ttl_ms)
+
     def _maintenance(self) -> None:
+        # Records the journal dropped (it overflowed) may have been deletes: this host
+        # cannot tell which keys, so its shared L1 entries are re-read from below.
+        with contextlib.suppress(ShmCacheError):
+            dropped = self.segment.stats().journal_dropped
+            if dropped > self._dropped_seen and self.lower.redis is not None:
+                self._resync_wanted.set()
+            self._dropped_seen = dropped
         with contextlib.suppress(ShmCacheError):
             self._figures["swept"] += self.segment.sweep_expired(10_000)
         with contextlib.suppress(ShmCacheError):
@@ -397,7 +435,10 @@ class Sidecar:
         redis_tier = self.lower.redis
         assert redis_tier is not None
         backoff = 0.1
-        subscribed_before = False
+        # A sidecar that takes over from another (or starts on a segment kept from a
+        # previous run: a report is there) cannot know what was published while none
+        # listened, so it resyncs on its first subscription too.
+        subscribed_before = self._had_predecessor
         # Pub/sub reaches only connected subscribers: whatever other hosts published
         # while this one was disconnected is lost.  So after every reconnect (ours, or
         # redis-py's own inside get_message) this host forgets its shared L1 entries
@@ -476,7 +517,9 @@ class Sidecar:
 
     def _apply(self, data: Any) -> None:
         self._figures["received"] += 1
-        msg = decode_invalidation(data if isinstance(data, bytes) else b"")
+        assert self.lower.redis is not None
+        msg = decode_invalidation(self.lower.redis.sealer,
+                                  data if isinstance(data, bytes) else b"")
         if msg is None:
             return
         host, clear, keys = msg
@@ -484,6 +527,9 @@ class Sidecar:
             return
         keys = [k for k in keys if not is_local_key(k)]
         try:
+            # Before the deletes: a promotion from L2 racing this invalidation sees the
+            # sequence move and drops what it added (Cache._promote).
+            self.segment.incr(INVALIDATION_SEQ_KEY, 1, initial=0)
             if clear:
                 self.segment.clear(journal=False)
             for k in keys:

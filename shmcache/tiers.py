@@ -75,10 +75,11 @@ return false
 
 
 def _wrong_value(e: BaseException) -> bool:
-    """A reply error about one key's value (WRONGTYPE and the like), not an outage."""
+    """A reply error about one key's value (WRONGTYPE), not an outage.  Anything
+    else Redis refuses with -- OOM, NOPERM, CLUSTERDOWN, TRYAGAIN, READONLY -- fails
+    the whole batch, which stays pending and is retried."""
     import redis
-    return isinstance(e, redis.ResponseError) and not isinstance(
-        e, (redis.exceptions.BusyLoadingError, redis.exceptions.ReadOnlyError))
+    return isinstance(e, redis.ResponseError) and str(e).startswith("WRONGTYPE")
 
 
 class TierStats:
@@ -224,7 +225,7 @@ class RedisTier:
     def __init__(self, sealer: Sealer, *, url: str | None = None,
                  cluster_nodes: Sequence[str] = (), prefix: str = "shmcache:",
                  timeout: float = 0.5, options: dict[str, Any] | None = None,
-                 max_backoff: float = 2.0, tombstone_ttl: float = 60.0) -> None:
+                 max_backoff: float = 2.0, tombstone_ttl: float = 3600.0) -> None:
         if not url and not cluster_nodes:
             raise ValueError("the REDIS level needs redis_url or redis_cluster_nodes")
         self.sealer = sealer
@@ -416,9 +417,13 @@ class RedisTier:
 
 
 def ensure_private_dir(path: str) -> str:
-    """Create ``path`` (and parents) owner-only; refuse one that others can use."""
+    """Create ``path`` (and parents) owner-only; refuse one that others can use, or a
+    symbolic link (someone else's planted link must not make us chmod its target)."""
+    import stat as stat_
     os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
+    st = os.lstat(path)
+    if stat_.S_ISLNK(st.st_mode) or not stat_.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{path} is not a plain directory (a link?): refused")
     if st.st_uid != os.getuid():
         raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to this user")
     if st.st_mode & 0o077:
@@ -432,18 +437,28 @@ def disk_secret(path: str) -> bytes:
     write the directory, so it authenticates values as well as a configured secret."""
     ensure_private_dir(path)
     f = os.path.join(path, ".secret")
-    try:
-        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        with open(f, "rb") as fh:
-            data = fh.read()
+    for _ in range(50):
+        try:
+            with open(f, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            # Written whole under a temporary name, then linked into place: a reader
+            # never sees a partial key, and of two creators the first link wins.
+            tmp = f"{f}.{os.getpid()}.{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+            try:
+                os.link(tmp, f)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+            continue
         if len(data) < 32:
-            raise PermissionError(f"{f} is damaged (shorter than 32 bytes)") from None
+            raise PermissionError(f"{f} is damaged (shorter than 32 bytes)")
         return data
-    with os.fdopen(fd, "wb") as fh:
-        data = secrets.token_bytes(32)
-        fh.write(data)
-    return data
+    raise PermissionError(f"cannot create {f}")
 
 
 class DiskTier:
