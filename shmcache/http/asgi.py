@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
-from ..cache import Cache
 from .policy import StoreDecision
-from .store import Entry, Found, HttpRequest, HttpStats, HttpStore, Response
+from .store import Entry, Found, HttpRequest, HttpStore, Response, StoreFront
 
 __all__ = ["ASGICacheMiddleware"]
 
@@ -145,7 +144,7 @@ class _Fill:
             await self._go_pass()
 
 
-class ASGICacheMiddleware:
+class ASGICacheMiddleware(StoreFront):
     """ASGI middleware caching whole responses in a shared :class:`~shmcache.Cache`;
     the options are :class:`~shmcache.http.CacheMiddleware`'s (see ``docs/http.md``).
 
@@ -172,36 +171,7 @@ class ASGICacheMiddleware:
         >>> cache.close(); cache.unlink()
     """
 
-    def __init__(self, app: ASGIApp, cache: Cache | None = None, *,
-                 default_ttl: float | None = None,
-                 route_ttls: Mapping[str, float | None] | None = None,
-                 max_body_size: int = 1 << 20, stale_while_revalidate: float = 0.0,
-                 single_flight: bool = False, wait_timeout: float | None = None,
-                 implicit_vary: Sequence[str] = ("authorization", "cookie"),
-                 key_prefix: str = "http:", respect_request_no_cache: bool = True,
-                 x_cache_header: str | None = "X-Cache", add_etag: bool = True) -> None:
-        self.app = app
-        self.store = HttpStore(cache, default_ttl=default_ttl, route_ttls=route_ttls,
-                               max_body_size=max_body_size,
-                               stale_while_revalidate=stale_while_revalidate,
-                               single_flight=single_flight, wait_timeout=wait_timeout,
-                               implicit_vary=implicit_vary, key_prefix=key_prefix,
-                               respect_request_no_cache=respect_request_no_cache,
-                               x_cache_header=x_cache_header, add_etag=add_etag)
-
-    @property
-    def cache(self) -> Cache:
-        """The cache responses are stored in."""
-        return self.store.cache
-
-    @property
-    def stats(self) -> HttpStats:
-        """This process's counters (:class:`~shmcache.http.store.HttpStats`)."""
-        return self.store.stats
-
-    def invalidate(self, url: str) -> None:
-        """Drop every stored variant of an absolute URL in every process."""
-        self.store.invalidate(url)
+    app: ASGIApp
 
     def _request(self, scope: Scope) -> HttpRequest:
         headers: dict[str, list[str]] = {}

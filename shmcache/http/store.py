@@ -37,7 +37,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from .. import stampede
@@ -46,7 +46,8 @@ from ..errors import ShmCacheError
 from . import policy
 from .policy import RequestFacts, StoreDecision
 
-__all__ = ["Entry", "Found", "HttpRequest", "HttpStats", "HttpStore", "Response",
+__all__ = ["Entry", "Found", "HttpRequest", "HttpStats", "HttpStore", "StoreFront",
+           "Response",
            "FRESH", "STALE", "MISS", "encode_entry", "decode_entry"]
 
 _log = logging.getLogger("shmcache.http")
@@ -695,3 +696,40 @@ class HttpStore:
                 # Someone else may have broken or replaced it first: fine.
                 with contextlib.suppress(Exception):
                     seg.delete(lkey, expect_version=got[1].version)
+
+
+class StoreFront:
+    """What the WSGI and ASGI middleware share: the wrapped application, the
+    :class:`HttpStore` built from the options (documented in ``docs/http.md``), and
+    ``cache``/``stats``/``invalidate``."""
+
+    def __init__(self, app: Any, cache: Cache | None = None, *,
+                 default_ttl: float | None = None,
+                 route_ttls: Mapping[str, float | None] | None = None,
+                 max_body_size: int = 1 << 20, stale_while_revalidate: float = 0.0,
+                 single_flight: bool = False, wait_timeout: float | None = None,
+                 implicit_vary: Sequence[str] = ("authorization", "cookie"),
+                 key_prefix: str = "http:", respect_request_no_cache: bool = True,
+                 x_cache_header: str | None = "X-Cache", add_etag: bool = True) -> None:
+        self.app = app
+        self.store = HttpStore(cache, default_ttl=default_ttl, route_ttls=route_ttls,
+                               max_body_size=max_body_size,
+                               stale_while_revalidate=stale_while_revalidate,
+                               single_flight=single_flight, wait_timeout=wait_timeout,
+                               implicit_vary=implicit_vary, key_prefix=key_prefix,
+                               respect_request_no_cache=respect_request_no_cache,
+                               x_cache_header=x_cache_header, add_etag=add_etag)
+
+    @property
+    def cache(self) -> Cache:
+        """The cache responses are stored in."""
+        return self.store.cache
+
+    @property
+    def stats(self) -> HttpStats:
+        """This process's counters (:class:`HttpStats`)."""
+        return self.store.stats
+
+    def invalidate(self, url: str) -> None:
+        """Drop every stored variant of an absolute URL in every process."""
+        self.store.invalidate(url)

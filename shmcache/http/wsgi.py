@@ -24,9 +24,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final
 
-from ..cache import Cache
 from .policy import StoreDecision
-from .store import Entry, HttpRequest, HttpStats, HttpStore, Response
+from .store import Entry, HttpRequest, HttpStore, Response, StoreFront
 
 __all__ = ["CacheMiddleware"]
 
@@ -259,7 +258,7 @@ class _Fill:
         return [resp.body] if resp.body else []
 
 
-class CacheMiddleware:
+class CacheMiddleware(StoreFront):
     """WSGI middleware caching whole responses in a shared :class:`~shmcache.Cache`,
     with RFC 9111 shared-cache semantics (see ``docs/http.md``).
 
@@ -297,36 +296,7 @@ class CacheMiddleware:
         >>> cache.close(); cache.unlink()
     """
 
-    def __init__(self, app: WSGIApp, cache: Cache | None = None, *,
-                 default_ttl: float | None = None,
-                 route_ttls: Mapping[str, float | None] | None = None,
-                 max_body_size: int = 1 << 20, stale_while_revalidate: float = 0.0,
-                 single_flight: bool = False, wait_timeout: float | None = None,
-                 implicit_vary: Sequence[str] = ("authorization", "cookie"),
-                 key_prefix: str = "http:", respect_request_no_cache: bool = True,
-                 x_cache_header: str | None = "X-Cache", add_etag: bool = True) -> None:
-        self.app = app
-        self.store = HttpStore(cache, default_ttl=default_ttl, route_ttls=route_ttls,
-                               max_body_size=max_body_size,
-                               stale_while_revalidate=stale_while_revalidate,
-                               single_flight=single_flight, wait_timeout=wait_timeout,
-                               implicit_vary=implicit_vary, key_prefix=key_prefix,
-                               respect_request_no_cache=respect_request_no_cache,
-                               x_cache_header=x_cache_header, add_etag=add_etag)
-
-    @property
-    def cache(self) -> Cache:
-        """The cache responses are stored in."""
-        return self.store.cache
-
-    @property
-    def stats(self) -> HttpStats:
-        """This process's counters (:class:`~shmcache.http.store.HttpStats`)."""
-        return self.store.stats
-
-    def invalidate(self, url: str) -> None:
-        """Drop every stored variant of an absolute URL in every process."""
-        self.store.invalidate(url)
+    app: WSGIApp
 
     # -- requests ---------------------------------------------------------------------
 
