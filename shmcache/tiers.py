@@ -176,7 +176,7 @@ def _redact(msg: str) -> str:
     return re.sub(r"//[^/@\s]*@", "//***@", msg)
 
 
-def _verified(tier: RedisTier | DiskTier, key: bytes, blob: object) -> Sealed | None:
+def _verified(tier: _Tier, key: bytes, blob: object) -> Sealed | None:
     """Open a blob read from ``tier``: None (counted as a miss) if absent or refused."""
     if blob is None:
         tier.stats.misses += 1
@@ -207,7 +207,7 @@ class _BadSealLog:
 
 #: Every tier of this process: a forked child (a gunicorn worker forked while the
 #: master's sidecar thread was mid-call) must not inherit a lock held at the fork.
-_live_tiers: weakref.WeakSet[RedisTier | DiskTier] = weakref.WeakSet()
+_live_tiers: weakref.WeakSet[_Tier] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
@@ -219,7 +219,66 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class RedisTier:
+class _Tier:
+    """What both levels share: the sealer, counters, the breaker, and one connection
+    (a redis client, a diskcache) opened lazily per process and dropped on failure."""
+
+    name: str
+
+    def __init__(self, sealer: Sealer, name: str, max_backoff: float) -> None:
+        self.sealer = sealer
+        self.name = name
+        self.stats = TierStats()
+        self.breaker = _Breaker(name, max_backoff)
+        self._conn: Any = None
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._bad = _BadSealLog()
+        _live_tiers.add(self)
+
+    def _open(self) -> Any:
+        raise NotImplementedError
+
+    def _connection(self) -> Any:
+        if self._conn is None or self._pid != os.getpid():
+            with self._lock:
+                if self._conn is None or self._pid != os.getpid():
+                    # A forked child must not share its parent's sockets or SQLite.
+                    self._conn = self._open()
+                    self._pid = os.getpid()
+        return self._conn
+
+    def _reset_after_fork(self) -> None:
+        # The parent's connection is the parent's: drop it, never close it here.
+        self._lock = threading.Lock()
+        self.breaker._lock = threading.Lock()
+        self._conn = None
+
+    def _drop(self) -> None:
+        with self._lock:
+            old, self._conn = self._conn, None
+        if old is not None and self._pid == os.getpid():
+            with contextlib.suppress(Exception):
+                old.close()
+
+    def _down(self) -> bool:
+        """True (and counted as degraded) while the level is backing off."""
+        if self.breaker.allow():
+            return False
+        self.stats.degraded += 1
+        return True
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats.degraded += 1
+        self.breaker.fail(exc, self.stats)
+        self._drop()
+
+    def close(self) -> None:
+        """Close this process's connection (a later call opens a new one)."""
+        self._drop()
+
+
+class RedisTier(_Tier):
     """L2: a Redis server (``url``) or a Redis Cluster (``cluster_nodes``)."""
 
     def __init__(self, sealer: Sealer, *, url: str | None = None,
@@ -228,7 +287,7 @@ class RedisTier:
                  max_backoff: float = 2.0, tombstone_ttl: float = 3600.0) -> None:
         if not url and not cluster_nodes:
             raise ValueError("the REDIS level needs redis_url or redis_cluster_nodes")
-        self.sealer = sealer
+        super().__init__(sealer, "Redis Cluster" if cluster_nodes else "Redis", max_backoff)
         self.cluster = bool(cluster_nodes)
         self.url = url
         self.cluster_nodes = tuple(cluster_nodes)
@@ -237,20 +296,6 @@ class RedisTier:
         self.timeout = timeout
         self.options = dict(options or {})
         self.tombstone_ttl_ms = int(tombstone_ttl * 1000)
-        self.name = "Redis Cluster" if self.cluster else "Redis"
-        self.stats = TierStats()
-        self.breaker = _Breaker(self.name, max_backoff)
-        self._client: Any = None
-        self._client_lock = threading.Lock()
-        self._pid = os.getpid()
-        self._bad = _BadSealLog()
-        _live_tiers.add(self)
-
-    def _reset_after_fork(self) -> None:
-        # The parent's client and its sockets are the parent's: drop, never close.
-        self._client_lock = threading.Lock()
-        self.breaker._lock = threading.Lock()
-        self._client = None
 
     # -- connection ----------------------------------------------------------------------
 
@@ -275,31 +320,18 @@ class RedisTier:
         return redis.Redis.from_url(self.url, **common)
 
     def client(self) -> Any:
-        if self._client is None or self._pid != os.getpid():
-            with self._client_lock:
-                if self._client is None or self._pid != os.getpid():
-                    # A forked child must not share its parent's sockets.
-                    self._client = self.new_client()
-                    self._pid = os.getpid()
-        return self._client
+        """This process's client."""
+        return self._connection()
 
-    def _failed(self, exc: BaseException) -> None:
-        self.stats.degraded += 1
-        self.breaker.fail(exc, self.stats)
-        if self.cluster:  # a failover changes the topology: start from the seeds again
-            with self._client_lock:
-                old, self._client = self._client, None
-            if old is not None:
-                with contextlib.suppress(Exception):
-                    old.close()
+    def _open(self) -> Any:
+        return self.new_client()
 
     # -- reads -----------------------------------------------------------------------------
 
     def get(self, key: bytes) -> Sealed | None:
         """The verified value of ``key`` -- a tombstone too (``.tombstone``: deleted,
         which the caller must not look up below) -- or None (absent, refused, down)."""
-        if not self.breaker.allow():
-            self.stats.degraded += 1
+        if self._down():
             return None
         try:
             blob = self.client().get(self.prefix + key)
@@ -328,8 +360,7 @@ class RedisTier:
         False if the tier is down (the caller keeps the batch and retries)."""
         if not batch and invalidate is None:
             return True
-        if not self.breaker.allow():
-            self.stats.degraded += 1
+        if self._down():
             return False
         try:
             c = self.client()
@@ -367,8 +398,7 @@ class RedisTier:
     def add_or_get(self, key: bytes, blob: bytes) -> Sealed | None:
         """Store ``blob`` unless the key holds a live value; return the value Redis
         holds afterwards (ours or the earlier one), or None if Redis is unusable."""
-        if not self.breaker.allow():
-            self.stats.degraded += 1
+        if self._down():
             return None
         try:
             cur = self.client().execute_command("EVAL", _ADD_OR_GET, 1,
@@ -382,8 +412,7 @@ class RedisTier:
 
     def clear(self) -> bool:
         """Remove every key under this tier's prefix (SCAN + UNLINK, on every master)."""
-        if not self.breaker.allow():
-            self.stats.degraded += 1
+        if self._down():
             return False
         try:
             c = self.client()
@@ -408,12 +437,6 @@ class RedisTier:
         self.breaker.ok()
         return True
 
-    def close(self) -> None:
-        with self._client_lock:
-            old, self._client = self._client, None
-        if old is not None and self._pid == os.getpid():
-            with contextlib.suppress(Exception):
-                old.close()
 
 
 def ensure_private_dir(path: str) -> str:
@@ -461,60 +484,31 @@ def disk_secret(path: str) -> bytes:
     raise PermissionError(f"cannot create {f}")
 
 
-class DiskTier:
+class DiskTier(_Tier):
     """L3: a diskcache directory (owner-only) bounded by ``size_limit`` bytes."""
 
     def __init__(self, sealer: Sealer, path: str, *, size_limit: int,
                  max_backoff: float = 2.0, timeout: float = 0.5) -> None:
-        self.sealer = sealer
+        super().__init__(sealer, f"disk cache {path}", max_backoff)
         self.path = ensure_private_dir(path)
         self.size_limit = size_limit
         self.timeout = timeout
-        self.name = f"disk cache {path}"
-        self.stats = TierStats()
-        self.breaker = _Breaker(self.name, max_backoff)
-        self._dc: Any = None
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
-        self._bad = _BadSealLog()
-        _live_tiers.add(self)
 
-    def _reset_after_fork(self) -> None:
-        self._lock = threading.Lock()
-        self.breaker._lock = threading.Lock()
-        self._dc = None  # SQLite connections must not cross a fork
-
-    def _cache(self) -> Any:
-        if self._dc is None or self._pid != os.getpid():
-            with self._lock:
-                if self._dc is None or self._pid != os.getpid():
-                    import diskcache
-                    db = os.path.join(self.path, "cache.db")
-                    if not os.path.exists(db):  # SQLite gives -wal/-shm the db's mode
-                        os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
-                    self._dc = diskcache.Cache(
-                        self.path, size_limit=self.size_limit, timeout=self.timeout,
-                        eviction_policy="least-recently-stored",
-                        disk_min_file_size=1 << 20)
-                    self._pid = os.getpid()
-        return self._dc
-
-    def _failed(self, exc: BaseException) -> None:
-        self.stats.degraded += 1
-        self.breaker.fail(exc, self.stats)
-        with self._lock:
-            old, self._dc = self._dc, None
-        if old is not None:
-            with contextlib.suppress(Exception):
-                old.close()
+    def _open(self) -> Any:
+        import diskcache
+        db = os.path.join(self.path, "cache.db")
+        if not os.path.exists(db):  # SQLite gives -wal/-shm the db's mode
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
+        return diskcache.Cache(self.path, size_limit=self.size_limit, timeout=self.timeout,
+                               eviction_policy="least-recently-stored",
+                               disk_min_file_size=1 << 20)
 
     def get(self, key: bytes) -> Sealed | None:
         """The verified value of ``key``, or None (absent, refused, expired, broken)."""
-        if not self.breaker.allow():
-            self.stats.degraded += 1
+        if self._down():
             return None
         try:
-            blob = self._cache().get(key)
+            blob = self._connection().get(key)
         except Exception as e:  # noqa: BLE001 - sqlite/OS errors: degrade
             self._failed(e)
             return None
@@ -530,11 +524,10 @@ class DiskTier:
 
     def write(self, batch: Iterable[TierWrite]) -> bool:
         """Apply ``batch`` (in order); False if the disk is unusable (kept for retry)."""
-        if not self.breaker.allow():
-            self.stats.degraded += 1
+        if self._down():
             return False
         try:
-            dc = self._cache()
+            dc = self._connection()
             with dc.transact():
                 for w in batch:
                     if w.delete:
@@ -550,19 +543,12 @@ class DiskTier:
         return True
 
     def clear(self) -> bool:
-        if not self.breaker.allow():
-            self.stats.degraded += 1
+        if self._down():
             return False
         try:
-            self._cache().clear()
+            self._connection().clear()
         except Exception as e:  # noqa: BLE001
             self._failed(e)
             return False
         return True
 
-    def close(self) -> None:
-        with self._lock:
-            old, self._dc = self._dc, None
-        if old is not None and self._pid == os.getpid():
-            with contextlib.suppress(Exception):
-                old.close()
