@@ -66,6 +66,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from . import stampede
 from .errors import SegmentClosedError, SegmentNotFoundError, ShmCacheError, VersionMismatchError
 from .logs import METRICS, get_logger
 from .segment import Segment, segment_exists
@@ -189,33 +190,13 @@ def _add_groups(acc: Groups, groups: Mapping[str, Any], *, gauges: bool) -> None
 
 # -- process identity ---------------------------------------------------------------------
 
-def _start_time(pid: int) -> str | None:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks); None if gone or a
-    zombie.  With the pid it names one process for good (pids are reused)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    rest = data[data.rfind(b")") + 2:].split()
-    if not rest or rest[0] in (b"Z", b"X") or len(rest) <= 19:
-        return None
-    return rest[19].decode()
-
-
 def _new_token() -> str:
-    pid = os.getpid()
-    return f"{pid}:{_start_time(pid) or '?'}:{uuid.uuid4().hex[:8]}"
+    # The process's identity (pid + start time, as stampede leases use) and a nonce.
+    return f"{stampede.process_token().decode()}:{uuid.uuid4().hex[:8]}"
 
 
 def _token_alive(token: str) -> bool:
-    try:
-        pid_s, start, _ = token.split(":", 2)
-        pid = int(pid_s)
-    except ValueError:
-        return False
-    now = _start_time(pid)
-    return now is not None and (start == "?" or now == start)
+    return stampede.owner_alive(token.rsplit(":", 1)[0].encode())
 
 
 # -- the index entry ----------------------------------------------------------------------

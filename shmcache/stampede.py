@@ -47,7 +47,8 @@ from .segment import Segment
 from .stats import Counters
 
 __all__ = ["COMPUTE", "MISS", "FRESH", "STALE", "STORE_ERRORS", "Flow", "Background",
-           "lease_key", "acquire", "release", "owner_alive", "single_flight", "run_sync",
+           "lease_key", "acquire", "release", "owner_alive", "process_token", "single_flight",
+           "run_sync",
            "run_async", "computing"]
 
 MISS: Final = 0
@@ -98,7 +99,9 @@ def _start_time(pid: int) -> str | None:
 _me: tuple[int, bytes] | None = None
 
 
-def _my_token() -> bytes:
+def process_token() -> bytes:
+    """``b"<pid>:<start time>"``: this process, distinct from any later one that
+    reuses its pid (what :func:`owner_alive` checks)."""
     global _me
     pid = os.getpid()
     if _me is None or _me[0] != pid:  # recomputed after fork
@@ -113,7 +116,7 @@ def lease_key(key: str, max_key_len: int) -> str:
 
 def acquire(seg: Segment, lkey: str, ttl: float) -> int | None:
     """Take the lease: its version, or ``None`` if another holder has it."""
-    return seg.add(lkey, _my_token(), ttl)
+    return seg.add(lkey, process_token(), ttl)
 
 
 def release(seg: Segment, lkey: str, version: int) -> None:
