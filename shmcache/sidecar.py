@@ -86,17 +86,22 @@ def read_report(segment: Segment) -> dict[str, float]:
     return out
 
 
+def _lock_file(segment_name: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"shmcache-{os.getuid()}",
+                        segment_name.lstrip("/") + ".sidecar.lock")
+
+
 def lock_path(segment_name: str) -> str:
     """The per-segment leadership lock file (in an owner-only directory)."""
-    d = ensure_private_dir(os.path.join(tempfile.gettempdir(), f"shmcache-{os.getuid()}"))
-    return os.path.join(d, segment_name.lstrip("/") + ".sidecar.lock")
+    path = _lock_file(segment_name)
+    ensure_private_dir(os.path.dirname(path))
+    return path
 
 
 def remove_lock(segment_name: str) -> None:
     """Remove the segment's lock file when no sidecar holds it (when the segment is
     unlinked for good; a held lock is left alone)."""
-    path = os.path.join(tempfile.gettempdir(), f"shmcache-{os.getuid()}",
-                        segment_name.lstrip("/") + ".sidecar.lock")
+    path = _lock_file(segment_name)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
