@@ -12,15 +12,24 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from dataclasses import fields
+from typing import Any, Final
 
+from .. import stampede
 from ..cache import MISSING, Cache
 from ..config import CacheConfig
 from ..errors import ShmCacheError, VersionMismatchError
 from ..segment import Segment
 from ..serializers import Serializer
 
-__all__ = ["shared_cache", "digest", "update_entry"]
+__all__ = ["shared_cache", "digest", "update_entry", "STORE_ERRORS", "CONFIG_FIELDS"]
+
+#: What a write may fail with for lack of room or a lock (the same set the decorator
+#: degrades on): the backends degrade too (Django: drop the key and log; Flask-Caching:
+#: return False); a pickling error is the caller's bug and raises.
+STORE_ERRORS: Final = stampede.STORE_ERRORS
+#: The CacheConfig fields a backend's options may set.
+CONFIG_FIELDS: Final = frozenset(f.name for f in fields(CacheConfig))
 
 # A list compared with ==: a CacheConfig may hold unhashable fields (mappings).
 _shared: list[tuple[CacheConfig, Cache]] = []

@@ -63,7 +63,6 @@ import contextlib
 import logging
 import pickle
 from collections.abc import Iterable, Mapping
-from dataclasses import fields
 from typing import Any, Final
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
@@ -72,28 +71,21 @@ from django.core.exceptions import ImproperlyConfigured
 from ..cache import MISSING, Cache
 from ..config import CacheConfig
 from ..errors import (
-    LockTimeoutError,
-    SegmentFullError,
     ShmCacheError,
-    ValueTooLargeError,
 )
 from ..keys import shorten
 from ..serializers import get_serializer
-from ._common import digest, shared_cache, update_entry
+from ._common import CONFIG_FIELDS, STORE_ERRORS, digest, shared_cache, update_entry
 
 __all__ = ["ShmCache"]
 
 _log = logging.getLogger("shmcache.contrib.django")
 
-#: What a write may fail with for lack of room or a lock: the cache degrades, it does not
-#: raise (a pickling error is not in here: that is the caller's bug and raises).
-_STORE_ERRORS: Final = (ValueTooLargeError, SegmentFullError, LockTimeoutError)
 
 #: BaseCache's own OPTIONS for its culling backends; the segment is bounded by bytes.
 _IGNORED_OPTIONS: Final = frozenset({"MAX_ENTRIES", "CULL_FREQUENCY"})
 #: CacheConfig fields that Django spells elsewhere in the CACHES entry.
 _SPELLED_ELSEWHERE: Final = {"name": "LOCATION", "default_ttl": "TIMEOUT"}
-_CONFIG_FIELDS: Final = frozenset(f.name for f in fields(CacheConfig))
 
 def _config(location: str, options: Mapping[str, Any]) -> CacheConfig:
     """``CacheConfig`` from ``LOCATION`` and ``OPTIONS`` (field names, any case)."""
@@ -106,10 +98,10 @@ def _config(location: str, options: Mapping[str, Any]) -> CacheConfig:
             raise ImproperlyConfigured(
                 f"shmcache: OPTIONS[{opt!r}] is set by the cache's "
                 f"{_SPELLED_ELSEWHERE[name]} entry instead")
-        if name not in _CONFIG_FIELDS:
+        if name not in CONFIG_FIELDS:
             raise ImproperlyConfigured(
                 f"shmcache: unknown OPTIONS key {opt!r}; OPTIONS takes CacheConfig "
-                f"fields: {', '.join(sorted(_CONFIG_FIELDS - set(_SPELLED_ELSEWHERE)))}")
+                f"fields: {', '.join(sorted(CONFIG_FIELDS - set(_SPELLED_ELSEWHERE)))}")
         kw[name] = value
     try:
         return CacheConfig(name=location or None, **kw)
@@ -170,7 +162,7 @@ class ShmCache(BaseCache):  # type: ignore[misc]  # django ships no type informa
                 self._cache.delete(key)
                 return True
             self._cache.set(key, value, ttl)
-        except _STORE_ERRORS as e:
+        except STORE_ERRORS as e:
             self._failed_store(key, e)
             return False
         except TypeError as e:
@@ -198,7 +190,7 @@ class ShmCache(BaseCache):  # type: ignore[misc]  # django ships no type informa
                 self._ser.dumps(value)
                 return not self._cache.contains(k)  # "stored", and expired at once
             return self._cache.add(k, value, ttl)
-        except _STORE_ERRORS as e:
+        except STORE_ERRORS as e:
             _log.warning("shmcache: could not add the entry with key digest %s (%s)",
                          digest(k), type(e).__name__)
             return False

@@ -47,31 +47,23 @@ import datetime as dt
 import logging
 import pickle
 from collections.abc import Mapping
-from dataclasses import fields
-from typing import Any, Final, cast
+from typing import Any, cast
 
 from flask_caching.backends.base import BaseCache
 
 from ..cache import MISSING, Cache
 from ..config import CacheConfig
 from ..errors import (
-    LockTimeoutError,
-    SegmentFullError,
     ShmCacheError,
-    ValueTooLargeError,
 )
 from ..keys import shorten
 from ..serializers import get_serializer
-from ._common import digest, shared_cache, update_entry
+from ._common import CONFIG_FIELDS, STORE_ERRORS, digest, shared_cache, update_entry
 
 __all__ = ["ShmCache"]
 
 _log = logging.getLogger("shmcache.contrib.flask")
 
-#: What a write may fail with for lack of room or a lock: ``set`` returns False (the
-#: cachelib contract for backend errors); pickling errors are not in here and raise.
-_STORE_ERRORS: Final = (ValueTooLargeError, SegmentFullError, LockTimeoutError)
-_CONFIG_FIELDS: Final = frozenset(f.name for f in fields(CacheConfig))
 
 class ShmCache(BaseCache):
     """The Flask-Caching (cachelib) cache API on a shmcache segment shared by every
@@ -98,12 +90,12 @@ class ShmCache(BaseCache):
                          ignore_delete_many_errors=ignore_delete_many_errors)
         self.key_prefix = key_prefix or ""
         if shmcache is None:
-            unknown = set(config) - _CONFIG_FIELDS
+            unknown = set(config) - CONFIG_FIELDS
             if unknown:
                 raise TypeError(
                     f"shmcache: unknown option(s) {', '.join(sorted(unknown))}; "
                     f"CACHE_OPTIONS takes CacheConfig fields: "
-                    f"{', '.join(sorted(_CONFIG_FIELDS - {'name', 'default_ttl'}))}")
+                    f"{', '.join(sorted(CONFIG_FIELDS - {'name', 'default_ttl'}))}")
             if "default_ttl" in config:
                 raise TypeError("shmcache: set CACHE_DEFAULT_TIMEOUT, not default_ttl")
             config.setdefault("object_cache", False)
@@ -164,7 +156,7 @@ class ShmCache(BaseCache):
                 self._cache.delete(k)
                 return True
             self._cache.set(k, value, ttl)
-        except _STORE_ERRORS as e:
+        except STORE_ERRORS as e:
             # Never serve the value this write meant to replace.
             with contextlib.suppress(ShmCacheError):
                 self._cache.delete(k)
@@ -188,7 +180,7 @@ class ShmCache(BaseCache):
                 self._ser.dumps(value)
                 return not self._cache.contains(k)  # "stored", and expired at once
             return self._cache.add(k, value, ttl)
-        except _STORE_ERRORS as e:
+        except STORE_ERRORS as e:
             _log.warning("shmcache: could not add the entry with key digest %s (%s)",
                          digest(k), type(e).__name__)
             return False
@@ -240,7 +232,7 @@ class ShmCache(BaseCache):
                     return delta  # created and expired at once, like set()
                 if self._cache.add(k, delta, ttl):
                     return delta
-            except _STORE_ERRORS as e:
+            except STORE_ERRORS as e:
                 _log.warning("shmcache: could not update the entry with key digest %s "
                              "(%s)", digest(k), type(e).__name__)
                 return None
