@@ -264,6 +264,9 @@ class Cache:
         # A counted hit validated by version, without copying the value (direct call).
         self._hv: Callable[[Key], tuple[int, int] | None] = self.segment.hit_version
         self._sget: Callable[[Key], bytes | None] = self.segment.get
+        # Tag and namespace counters: L1, or, with lower levels, L1 then the shared one.
+        self._meta_read: Callable[[Key], bytes | None] = (
+            self._sget if self._lower is None else self._meta_get)
         self._sget_info: Callable[[Key], tuple[bytes, int, int] | None] = \
             self.segment.get_info
         self._l0get: Callable[[Any, str, Any, bytearray], Any] = self.segment.l0_get
@@ -407,7 +410,7 @@ class Cache:
     def _check_meta(self, meta: Meta) -> int:
         """FRESH, STALE, or MISS (a tag was invalidated since the entry was made)."""
         fresh_until, tags, _ = meta
-        sget = self._sget if self._lower is None else self._meta_get
+        sget = self._meta_read
         for tk, gen in tags:
             if sget(tk) != gen:
                 return MISS
@@ -545,7 +548,7 @@ class Cache:
         out = []
         for t in tags:
             tk = shorten(_TAG_PREFIX + t, self.max_key_len)
-            gen = self._sget(tk) if self._lower is None else self._meta_get(tk)
+            gen = self._meta_read(tk)
             if gen is None:
                 gen = self._new_generation(tk)
             out.append((tk, gen))
@@ -553,7 +556,7 @@ class Cache:
 
     def _ns_prefix(self, namespace: str) -> str:
         nk = shorten(_NS_PREFIX + namespace, self.max_key_len)
-        gen = self._sget(nk) if self._lower is None else self._meta_get(nk)
+        gen = self._meta_read(nk)
         if gen is None:
             gen = self._new_generation(nk)
         return f"{namespace}@{gen.decode()}:"
@@ -936,23 +939,18 @@ class Cache:
     # disk -- a read that misses L1 with lower levels configured, any write in
     # write-through mode -- runs in a worker thread, so the loop never blocks on I/O.
 
-    def _may_block(self, key: str | bytes, namespace: str | None) -> bool:
-        if self._lower is None:
-            return False
-        try:
-            return not self.segment.contains(self._full_key(key, namespace))
-        except (TypeError, ShmCacheError):
-            return False  # let the sync call raise its own error
-
     async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def aget(self, key: str | bytes, default: Any = None, *,
                    namespace: str | None = None) -> Any:
         """Async :meth:`get`."""
-        if self._may_block(key, namespace):
-            return await self._io(self.get, key, default, namespace=namespace)
-        return self.get(key, default, namespace=namespace)
+        k = self._full_key(key, namespace)
+        if self._lower is not None and not self.segment.contains(k):
+            st, v = await self._io(self._lookup, k, self._counters, self._use_l0)
+        else:
+            st, v = self._lookup(k, self._counters, self._use_l0)
+        return v if st == FRESH else default
 
     async def aset(self, key: str | bytes, value: Any,
                    ttl: float | None | _Unset = _UNSET, *, tags: Iterable[str] = (),
