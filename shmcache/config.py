@@ -216,10 +216,6 @@ class CacheConfig:
         if self.secret is not None and len(self.secret.encode()) < 16:
             raise TierNotAvailableError("secret must be at least 16 bytes")
 
-    def unsupported_levels(self) -> list[CacheLevel]:
-        """Kept for compatibility: every level is supported now."""
-        return []
-
     def with_(self, **changes: Any) -> CacheConfig:
         """A copy with some fields changed."""
         return replace(self, **changes)

@@ -103,7 +103,6 @@ class LowerLevels:
     """L2 and/or L3 of one cache, configured from its :class:`CacheConfig`."""
 
     def __init__(self, cfg: CacheConfig) -> None:
-        self.config = cfg
         self.redis: RedisTier | None = None
         self.disk: DiskTier | None = None
         if cfg.uses_redis:
@@ -119,7 +118,6 @@ class LowerLevels:
             self.disk = DiskTier(Sealer(secret, encrypt=cfg.encrypt), path,
                                  size_limit=cfg.disk_size_mb << 20,
                                  timeout=cfg.redis_timeout)
-        self.write_through = cfg.write_mode == "through"
 
     # -- reads -----------------------------------------------------------------------
 
