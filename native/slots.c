@@ -129,6 +129,8 @@ void slot_release(shm_cache *c) {
     slot *s = &c->slots[c->slot_id];
     for (uint32_t i = 0; i < PINS_PER_SLOT; i++)
         if (LOAD_RLX(&s->pins[i])) shm_unpin(c, ((uint32_t)(c->slot_id + 1) << 8) | i);
+    /* LOCK_REPAIR needs no unwinding: only this process's own slot is written, and the
+     * flag the lock set makes the next operation repair the rest. */
     if (lock_acquire(c, &c->hdr->slot_lock, "slot table") >= 0) {
         slot_free_locked(c, s);
         lock_release(&c->hdr->slot_lock);
