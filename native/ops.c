@@ -348,6 +348,13 @@ int shm_set(shm_cache *c, const char *key, uint32_t klen, const char *val, uint6
     return set_abs(c, key, klen, val, vlen, exp, flags, mode, expect_version, version_out);
 }
 
+int shm_set_at(shm_cache *c, const char *key, uint32_t klen, const char *val,
+               uint64_t vlen, int64_t expires_at_ms, uint32_t flags, int mode,
+               uint64_t expect_version, uint64_t *version_out) {
+    return set_abs(c, key, klen, val, vlen, expires_at_ms > 0 ? expires_at_ms : 0, flags,
+                   mode, expect_version, version_out);
+}
+
 static int delete_once(shm_cache *c, const char *key, uint32_t klen, uint64_t h,
                        uint64_t expect) {
     shm_lock *s;

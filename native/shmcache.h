@@ -186,6 +186,11 @@ int  shm_hit_info(shm_cache *c, const char *key, uint32_t klen, shm_item_info *i
 int  shm_set(shm_cache *c, const char *key, uint32_t klen, const char *val, uint64_t vlen,
              int64_t ttl_ms, uint32_t flags, int mode, uint64_t expect_version,
              uint64_t *version_out);
+/* shm_set with an absolute expiry (CLOCK_REALTIME ms; 0: none): keeps an entry's
+ * expiry exactly across a rewrite, and a value promoted from below its own. */
+int  shm_set_at(shm_cache *c, const char *key, uint32_t klen, const char *val,
+                uint64_t vlen, int64_t expires_at_ms, uint32_t flags, int mode,
+                uint64_t expect_version, uint64_t *version_out);
 /* Delete; expect_version != 0 deletes only that version (SHM_EVERSION otherwise). */
 int  shm_delete(shm_cache *c, const char *key, uint32_t klen, uint64_t expect_version);
 /* Append a journal record for a delete of a key this segment does not hold (so the

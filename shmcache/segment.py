@@ -687,6 +687,29 @@ class Segment:
         except KeyError:
             return None
 
+    def set_at(self, key: str | bytes, value: bytes | bytearray | memoryview,
+               expires_at: float | None, *, flags: int = 0, expect_version: int = 0,
+               add: bool = False, journal: bool = True) -> int | None:
+        """:meth:`set` (or :meth:`add`, returning ``None`` if the key exists) with an
+        absolute expiry (epoch seconds; ``None``: none), so that a rewrite keeps the
+        entry's expiry to the millisecond."""
+        k = _key_bytes(key)
+        v = value if value.__class__ is bytes else _value_bytes(value)
+        if not 0 <= flags <= 0xFFFF:
+            raise ValueError("flags must fit in 16 bits")
+        mode = (lib.SHM_ADD if add else lib.SHM_SET) | (0 if journal else lib.SHM_NOJOURNAL)
+        ver = ffi.new("uint64_t *")
+        at_ms = 0 if expires_at is None else max(1, round(expires_at * 1000))
+        rc = lib.shm_set_at(self._handle(), k, len(k), v, len(v), at_ms, flags, mode,
+                            expect_version, ver)
+        if rc < 0:
+            if rc == -1:
+                raise KeyError(key)
+            if add and rc == lib.SHM_EEXISTS:
+                return None
+            _raise(rc)
+        return int(ver[0])
+
     def _write(self, key: str | bytes, value: Any, ttl: float | None, flags: int, mode: int,
                expect: int) -> int:
         k = _key_bytes(key)

@@ -733,3 +733,18 @@ def test_get_info_add_delete_l0_get_direct_and_reference(seg: Segment, direct: b
     big = b"b" * 5000
     call("add", "big", big)
     assert call("get_info", "big")[0] == big
+
+
+def test_set_at_keeps_an_absolute_expiry(seg: Segment) -> None:
+    at = seg.now() + 30.0
+    v1 = seg.set_at("k", b"1", at)
+    assert v1 and seg.info("k").expires_at == round(at * 1000) / 1000  # type: ignore[union-attr]
+    assert seg.set_at("k", b"2", None, add=True) is None          # add: the key exists
+    v2 = seg.set_at("k", b"3", at, expect_version=v1)             # a CAS rewrite ...
+    info = seg.info("k")
+    assert info is not None and info.version == v2 and seg.get("k") == b"3"
+    assert info.expires_at == round(at * 1000) / 1000             # ... keeps the expiry
+    with pytest.raises(VersionMismatchError):
+        seg.set_at("k", b"4", at, expect_version=v1)
+    assert seg.set_at("gone", b"x", seg.now() - 1) and seg.get("gone") is None
+    assert seg.set_at("forever", b"x", None) and seg.info("forever").expires_at is None  # type: ignore[union-attr]
