@@ -435,11 +435,11 @@ class Cache:
         if found is None:
             return None
         sealed, _level = found
-        ttl = None if sealed.expires_at is None else sealed.expires_at - time.time()
-        if ttl is not None and ttl <= 0:
+        if sealed.expires_at is not None and sealed.expires_at <= time.time():
             return None
-        try:
-            ver = self.segment.add(key, sealed.body, ttl, flags=sealed.flags, journal=False)
+        try:  # keeping the writer's expiry exactly, not one recomputed from now
+            ver = self.segment.set_at(key, sealed.body, sealed.expires_at, flags=sealed.flags,
+                                      add=True, journal=False)
         except STORE_ERRORS:
             ver = None  # a full segment: serve it anyway, uncached in L1
         if ver is None:  # written meanwhile by another process: that one is newer

@@ -7,7 +7,6 @@ test suite or app factory makes many: they must not each attach the segment agai
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import threading
@@ -18,8 +17,7 @@ from typing import Any, Final
 from .. import stampede
 from ..cache import MISSING, Cache
 from ..config import CacheConfig
-from ..errors import ShmCacheError, VersionMismatchError
-from ..segment import Segment
+from ..errors import VersionMismatchError
 from ..serializers import Serializer
 
 __all__ = ["shared_cache", "digest", "update_entry", "STORE_ERRORS", "CONFIG_FIELDS"]
@@ -85,53 +83,12 @@ def update_entry(cache: Cache, ser: Serializer, key: str,
             return MISSING
         if after.version != before.version:
             continue
+        if after.expires_at is not None and after.expires_at <= seg.now():
+            return MISSING  # due: the engine treats it as gone
         new = fn(value)
-        data = ser.dumps(new)
-        if after.expires_at is None:
-            try:
-                seg.set(key, data, None, flags=ser.id, expect_version=after.version)
-            except (VersionMismatchError, KeyError):
-                continue  # written, deleted or evicted meanwhile: look again
-            return new
-        done = _write_keeping_expiry(seg, key, data, ser.id, after.version,
-                                     round(after.expires_at * 1000))
-        if done is None:
-            continue
-        return new if done else MISSING
-
-
-def _write_keeping_expiry(seg: Segment, key: str, data: bytes, flags: int, version: int,
-                          expires_ms: int) -> bool | None:
-    """Write ``data`` over ``version`` so that the entry still expires at
-    ``expires_ms``: True once written, False if it expired first, None if another
-    write got there first.
-
-    The engine takes a relative TTL and adds its own clock.  When that clock ticks
-    between our reading it and the write, the expiry lands a millisecond late; then the
-    write is repeated (a compare-and-set on the version it just made) until it lands
-    exactly.  Otherwise a counter incremented all the time (a rate limit's window)
-    would creep later and later.
-    """
-    first = True
-    while True:
-        now_ms = round(seg.now() * 1000)
-        left_ms = expires_ms - now_ms
-        if left_ms <= 0:
-            if first:
-                return False
-            with contextlib.suppress(ShmCacheError):  # ours, and due by now
-                seg.delete(key, expect_version=version)
-            return True
-        try:
-            # +0.5 ms: the engine floors seconds * 1000, and the float may land below.
-            version = seg.set(key, data, (left_ms + 0.5) / 1000, flags=flags,
-                              expect_version=version)
+        try:  # the absolute expiry: a rewrite keeps it to the millisecond
+            seg.set_at(key, ser.dumps(new), after.expires_at, flags=ser.id,
+                       expect_version=after.version)
         except (VersionMismatchError, KeyError):
-            return None if first else True  # after ours, another write: it stands
-        first = False
-        if round(seg.now() * 1000) == now_ms:
-            return True  # the engine read the same millisecond
-        info = seg.info(key)
-        if (info is None or info.version != version or info.expires_at is None
-                or round(info.expires_at * 1000) == expires_ms):
-            return True
+            continue  # written, deleted or evicted meanwhile: look again
+        return new
